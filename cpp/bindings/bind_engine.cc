@@ -1,0 +1,180 @@
+#include <Python.h>
+
+#include <climits>
+
+#include "common.h"
+#include "dpmove/engine.h"
+#include "dpmove/probe.h"
+#include "dpmove/status.h"
+
+namespace dpmove {
+
+namespace {
+
+// Release callback for memory exported by a Python object. Runs on whatever thread drops the
+// last reference (often a worker), so it takes the GIL itself; during interpreter shutdown it
+// leaks the view instead of touching a dying interpreter.
+std::function<void()> buffer_releaser(Py_buffer* view) {
+  return [view] {
+#if PY_VERSION_HEX >= 0x030D0000
+    if (!Py_IsInitialized() || Py_IsFinalizing()) return;
+#else
+    if (!Py_IsInitialized() || _Py_IsFinalizing()) return;
+#endif
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyBuffer_Release(view);
+    delete view;
+    PyGILState_Release(g);
+  };
+}
+
+std::shared_ptr<Region> register_object(Engine& e, py::handle obj, bool do_register) {
+  if (py::isinstance<Region>(obj)) return obj.cast<std::shared_ptr<Region>>();
+  auto* view = new Py_buffer;
+  if (PyObject_GetBuffer(obj.ptr(), view, PyBUF_RECORDS_RO) != 0) {
+    delete view;
+    PyErr_Clear();
+    throw py::type_error(std::string("expected a Region or a writable buffer-protocol object (numpy array, bytearray), got ") +
+                         Py_TYPE(obj.ptr())->tp_name);
+  }
+  if (!PyBuffer_IsContiguous(view, 'C')) {
+    PyBuffer_Release(view);
+    delete view;
+    throw py::value_error("expected a C-contiguous buffer; this one is strided (use np.ascontiguousarray, or register the base array and address a slice)");
+  }
+  bool writable = !view->readonly;
+  auto* base = static_cast<uint8_t*>(view->buf);
+  size_t len = static_cast<size_t>(view->len);
+  // wrap() takes ownership of `view` through the release callback, also when it throws.
+  return e.wrap(base, len, writable, buffer_releaser(view), do_register, "buffer");
+}
+
+py::dict to_dict(const std::map<std::string, std::string>& m) {
+  py::dict d;
+  for (auto& kv : m) d[py::str(kv.first)] = kv.second;
+  return d;
+}
+
+py::dict stats_dict(const BackendStats& s) {
+  py::dict d;
+  d["entries_started"] = s.entries_started;
+  d["ops_submitted"] = s.ops_submitted;
+  d["resubmits"] = s.resubmits;
+  d["cancels_sent"] = s.cancels_sent;
+  d["fixed_buffer_ops"] = s.fixed_buffer_ops;
+  d["fixed_file_ops"] = s.fixed_file_ops;
+  d["stale_completions"] = s.stale_completions;
+  return d;
+}
+
+OpenOptions parse_mode(const std::string& mode, const py::object& direct) {
+  OpenOptions o;
+  if (mode == "r") {
+    o.read = true;
+  } else if (mode == "r+") {
+    o.read = o.write = true;
+  } else if (mode == "w") {
+    o.read = false;
+    o.write = o.create = o.truncate = true;
+  } else if (mode == "w+") {
+    o.read = o.write = o.create = o.truncate = true;
+  } else if (mode == "rw") {
+    o.read = o.write = o.create = true;
+  } else {
+    throw py::value_error("mode must be 'r', 'r+', 'rw', 'w' or 'w+', got '" + mode + "'");
+  }
+  if (direct.is_none() || (py::isinstance<py::str>(direct) && direct.cast<std::string>() == "auto")) {
+    o.direct = DirectMode::kAuto;
+  } else if (py::isinstance<py::bool_>(direct)) {
+    o.direct = direct.cast<bool>() ? DirectMode::kOn : DirectMode::kOff;
+  } else {
+    throw py::value_error("direct must be True, False or 'auto'");
+  }
+  return o;
+}
+
+std::shared_ptr<Request> submit(Engine& e, OpKind op, const std::shared_ptr<File>& f, py::handle region,
+                                py::array entries, py::object timeout_s, bool timing) {
+  if (!f) throw py::type_error("expected a File, got None");
+  // Entry arrays arrive normalised by dpmove.Engine (int64, C-contiguous, (N, 3)).
+  if (!py::isinstance<py::array_t<int64_t>>(entries) || entries.ndim() != 2 || entries.shape(1) != 3 ||
+      !(entries.flags() & py::array::c_style))
+    throw py::type_error("entries must be a C-contiguous int64 array of shape (N, 3): file_offset, region_offset, length");
+  auto r = register_object(e, region, false);
+  int64_t t = seconds_to_ns(timeout_s, -1, "timeout_s");
+  const auto* rows = static_cast<const IoEntry*>(entries.data());
+  size_t n = static_cast<size_t>(entries.shape(0));
+  py::gil_scoped_release nogil;  // validation and the copy are O(N); waking workers may block briefly
+  return e.submit(op, f, r, rows, n, t, timing);
+}
+
+}  // namespace
+
+void bind_engine(py::module_& m) {
+  py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
+      .def(py::init([](const std::string& backend, int num_workers, unsigned queue_depth, bool register_buffers,
+                       bool register_files, py::object default_timeout_s) {
+             EngineOptions o;
+             o.backend = backend;
+             o.num_workers = num_workers;
+             o.queue_depth = queue_depth;
+             o.register_buffers = register_buffers;
+             o.register_files = register_files;
+             o.default_timeout_ns = seconds_to_ns(default_timeout_s, INT64_MAX, "default_timeout_s");
+             std::shared_ptr<Engine> core = Engine::create(o);
+             // The Python object's holder drops the engine with the GIL held; ~Engine joins
+             // workers that may need the GIL to release a Python buffer, so let go of it first.
+             Engine* raw = core.get();
+             return std::shared_ptr<Engine>(raw, [core](Engine*) mutable {
+               if (PyGILState_Check()) {
+                 py::gil_scoped_release nogil;
+                 core.reset();
+               } else {
+                 core.reset();
+               }
+             });
+           }),
+           py::arg("backend") = "auto", py::arg("num_workers") = 2, py::arg("queue_depth") = 64,
+           py::arg("register_buffers") = true, py::arg("register_files") = true, py::arg("default_timeout_s") = 60.0)
+      .def_property_readonly("backend", &Engine::backend_name)
+      .def_property_readonly("backend_reason", &Engine::backend_reason)
+      .def_property_readonly("closed", &Engine::closed)
+      .def_property_readonly("num_workers", [](const Engine& e) { return e.options().num_workers; })
+      .def_property_readonly("queue_depth", [](const Engine& e) { return e.options().queue_depth; })
+      .def("alloc", &Engine::allocate, py::arg("nbytes"), py::arg("hugepages") = false, py::arg("register") = true)
+      .def("register", [](Engine& e, py::handle obj, bool do_register) {
+        e.check_open();
+        return register_object(e, obj, do_register);
+      }, py::arg("obj"), py::arg("register") = true)
+      .def("open", [](Engine& e, const std::string& path, const std::string& mode, py::object direct, bool do_register) {
+        OpenOptions o = parse_mode(mode, direct);
+        py::gil_scoped_release nogil;  // open() can block on a network filesystem
+        return e.open(path, o, do_register);
+      }, py::arg("path"), py::arg("mode") = "r", py::arg("direct") = "auto", py::arg("register") = true)
+      .def("read", [](Engine& e, const std::shared_ptr<File>& f, py::handle region, py::array entries, py::object timeout_s,
+                      bool timing) { return submit(e, OpKind::kRead, f, region, entries, timeout_s, timing); },
+           py::arg("file"), py::arg("region"), py::arg("entries"), py::arg("timeout_s") = py::none(), py::arg("timing") = false)
+      .def("write", [](Engine& e, const std::shared_ptr<File>& f, py::handle region, py::array entries, py::object timeout_s,
+                       bool timing) { return submit(e, OpKind::kWrite, f, region, entries, timeout_s, timing); },
+           py::arg("file"), py::arg("region"), py::arg("entries"), py::arg("timeout_s") = py::none(), py::arg("timing") = false)
+      .def("close", [](Engine& e, py::object timeout_s) {
+        int64_t t = seconds_to_ns(timeout_s, INT64_MAX, "timeout_s");
+        py::gil_scoped_release nogil;  // joins workers; waits for the kernel to release buffers
+        return e.close(t);
+      }, py::arg("timeout_s") = 10.0)
+      .def("stats", [](const Engine& e) {
+        py::dict d = stats_dict(e.stats());
+        d["requests_submitted"] = e.requests_submitted();
+        return d;
+      })
+      .def("describe", [](const Engine& e) { return to_dict(e.describe()); });
+
+  m.def("uring_compiled", &uring_compiled);
+  m.def("probe_io_uring", [] { return to_dict(probe_io_uring()); });
+  m.def("probe_direct", [](const std::string& p) {
+    py::gil_scoped_release nogil;  // touches the filesystem
+    return probe_direct(p);
+  }, py::arg("path"));
+}
+
+}  // namespace dpmove

@@ -1,0 +1,62 @@
+#include "common.h"
+#include "dpmove/region.h"
+#include "dpmove/status.h"
+
+namespace dpmove {
+
+void bind_region(py::module_& m) {
+  py::class_<Region, std::shared_ptr<Region>>(m, "Region", py::buffer_protocol(), R"doc(
+Host memory that requests read into and write from.
+
+Made by Engine.alloc (page-aligned, zeroed, owned by dpmove) or Engine.register (any
+C-contiguous buffer-protocol object; the object stays exported until nothing uses the region).
+Supports the buffer protocol (``np.asarray(region)``, ``memoryview(region)``) and slicing
+(``region[a:b]``), which returns a Region sharing the memory and keeping it alive.
+)doc")
+      .def_buffer([](Region& r) -> py::buffer_info {
+        r.check_open();
+        return py::buffer_info(r.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(r.size())}, {1}, !r.writable());
+      })
+      .def("__len__", &Region::size)
+      .def_property_readonly("nbytes", &Region::size, "size in bytes")
+      .def_property_readonly("address", [](const Region& r) { return reinterpret_cast<uintptr_t>(r.data()); },
+                             "virtual address of the first byte")
+      .def_property_readonly("writable", &Region::writable)
+      .def_property_readonly("kind", [](const Region& r) { return r.memory()->kind(); },
+                             "'anonymous', 'hugetlb' (dpmove-allocated) or 'buffer' (registered Python object)")
+      .def_property_readonly("registered", [](const Region& r) { return r.memory()->registered(); },
+                             "True when registered with the rings as fixed buffers")
+      .def_property_readonly("registration_error", [](const Region& r) { return r.memory()->registration_error(); },
+                             "why registration failed ('' when registered or not attempted)")
+      .def_property_readonly("closed", &Region::closed)
+      .def("slice", &Region::slice, py::arg("offset"), py::arg("length"),
+           "A view of [offset, offset + length) sharing this region's memory")
+      .def("__getitem__", [](const Region& r, py::slice s) {
+        size_t start, stop, step, len;
+        if (!s.compute(r.size(), &start, &stop, &step, &len)) throw py::error_already_set();
+        if (step != 1) throw py::value_error("Region slices must have step 1");
+        return r.slice(start, len);
+      })
+      .def("numpy", [](py::object self, py::object dtype) {
+        auto& r = self.cast<Region&>();
+        r.check_open();
+        py::dtype dt = py::dtype::from_args(dtype);
+        if (r.size() % dt.itemsize())
+          throw py::value_error("region of " + std::to_string(r.size()) + " bytes is not a whole number of " +
+                                std::to_string(dt.itemsize()) + "-byte items");
+        py::array a(dt, {static_cast<py::ssize_t>(r.size() / dt.itemsize())}, {}, r.data(), self);
+        if (!r.writable()) a.attr("flags").attr("writeable") = false;
+        return a;
+      }, py::arg("dtype") = py::dtype::of<uint8_t>(), "A NumPy view of the region (1-D, dtype given); keeps it alive")
+      .def("close", &Region::close, "Stop new use; memory is freed when no request or slice holds it")
+      .def("__enter__", [](py::object self) { return self; })
+      .def("__exit__", [](Region& r, py::args) { r.close(); })
+      .def("__repr__", [](const Region& r) {
+        return "<dpmove.Region " + std::to_string(r.size()) + " bytes " + r.memory()->kind() +
+               (r.memory()->registered() ? " registered" : "") + (r.writable() ? "" : " read-only") +
+               (r.closed() ? " closed" : "") + ">";
+      });
+}
+
+}  // namespace dpmove

@@ -1,0 +1,37 @@
+// Shared helpers of the binding files. Each bind_*.cc registers one concept.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+namespace py = pybind11;
+
+namespace dpmove {
+
+void bind_errors(py::module_& m);
+void bind_region(py::module_& m);
+void bind_file(py::module_& m);
+void bind_request(py::module_& m);
+void bind_engine(py::module_& m);
+
+// Seconds (None or float, inf allowed) -> nanoseconds; None -> `none_ns`. ValueError on < 0 or NaN.
+inline int64_t seconds_to_ns(const py::object& s, int64_t none_ns, const char* what) {
+  if (s.is_none()) return none_ns;
+  double v = py::cast<double>(s);
+  if (std::isnan(v) || v < 0) throw py::value_error(std::string(what) + " must be >= 0 seconds or None, got " + std::to_string(v));
+  if (std::isinf(v) || v >= 9.2e9) return INT64_MAX;
+  return static_cast<int64_t>(v * 1e9);
+}
+
+// Raises the Python exception described by (kind, errno, message, filename) through
+// dpmove.errors.from_core; kind is one of "error", "unsupported", "transfer", "timed_out",
+// "cancelled".
+[[noreturn]] void raise_py(const char* kind, int code, const std::string& msg, const std::string& filename = {});
+
+}  // namespace dpmove

@@ -1,0 +1,86 @@
+// Engine: one per process. Owns the file-I/O backend (its workers and rings), the registered
+// buffer and file slot tables, and the requests' submission path.
+//
+// Thread safety: every public method may be called from any thread; submit() and wait() are
+// meant to be called without the GIL.
+#pragma once
+
+#include <atomic>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "dpmove/backend.h"
+#include "dpmove/file.h"
+#include "dpmove/region.h"
+#include "dpmove/request.h"
+
+namespace dpmove {
+
+struct EngineOptions {
+  std::string backend = "auto";  // "auto" (io_uring where usable), "io_uring", "threadpool"
+  int num_workers = 2;           // rings (io_uring) or groups of threads (thread pool)
+  unsigned queue_depth = 64;     // entries in flight per worker
+  bool register_buffers = true;  // io_uring fixed buffers for every region
+  bool register_files = true;    // io_uring fixed files for every file
+  unsigned max_registered_buffers = 1024;
+  unsigned max_registered_files = 1024;
+  int64_t default_timeout_ns = int64_t{60} * 1000000000;
+};
+
+class SlotRegistry;
+
+class Engine : public std::enable_shared_from_this<Engine> {
+ public:
+  // Throws SysError when backend="io_uring" was asked for and cannot run here.
+  static std::shared_ptr<Engine> create(const EngineOptions& opts);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  const std::string& backend_name() const noexcept { return backend_name_; }
+  // Why this backend was chosen (e.g. "io_uring_setup: Operation not permitted ...").
+  const std::string& backend_reason() const noexcept { return backend_reason_; }
+  const EngineOptions& options() const noexcept { return opts_; }
+
+  // Zeroed page-aligned memory owned by dpmove.
+  std::shared_ptr<Region> allocate(size_t size, bool hugepages, bool register_memory);
+  // Memory owned by someone else; `release` is called once when nothing uses it any more.
+  std::shared_ptr<Region> wrap(uint8_t* base, size_t size, bool writable, std::function<void()> release,
+                               bool register_memory, const std::string& kind);
+  std::shared_ptr<File> open(const std::string& path, const OpenOptions& opts, bool register_file);
+
+  // Validates every entry (UsageError naming the entry and what was expected), then queues the
+  // request. timeout_ns < 0: the engine's default; INT64_MAX: no deadline.
+  std::shared_ptr<Request> submit(OpKind op, const std::shared_ptr<File>& file, const std::shared_ptr<Region>& region,
+                                  const IoEntry* entries, size_t n, int64_t timeout_ns, bool timing);
+
+  // Cancels everything in flight, waits up to timeout_ns for the kernel to let go of the
+  // buffers, stops the workers. Returns the entries still running (0: clean). Idempotent.
+  int64_t close(int64_t timeout_ns);
+  bool closed() const noexcept { return closed_.load(std::memory_order_acquire); }
+  void check_open() const;
+
+  BackendStats stats() const;
+  std::map<std::string, std::string> describe() const;
+  uint64_t requests_submitted() const noexcept { return next_id_.load() - 1; }
+
+ private:
+  Engine() = default;
+  EngineOptions opts_;
+  std::unique_ptr<Backend> backend_;
+  std::string backend_name_, backend_reason_;
+  std::shared_ptr<SlotRegistry> registry_;
+  std::atomic<uint64_t> next_id_{1};
+  std::atomic<bool> closed_{false};
+  mutable std::mutex close_mu_;
+  BackendStats final_stats_;
+};
+
+// Whether the io_uring backend was compiled in.
+bool uring_compiled() noexcept;
+
+}  // namespace dpmove

@@ -1,0 +1,126 @@
+// Host memory that requests read into and write from.
+//
+// Memory is one contiguous range with exactly one owner of its storage: either an anonymous
+// mapping dpmove made (page-aligned, optionally hugetlb) or a Python buffer it exported (the
+// release callback gives the buffer back). Region is a view [offset, offset + length) of a
+// Memory; slices share the Memory, so a slice keeps its parent's storage alive. Requests hold a
+// shared_ptr to the Region they use, so storage outlives every I/O that may still touch it,
+// even when the Python objects are gone.
+//
+// Registration: Memory is registered with the engine's BufferRegistry (io_uring fixed buffers)
+// in chunks of at most kMaxRegChunk bytes, one registry slot each. Registration is an
+// optimisation: when it fails (RLIMIT_MEMLOCK, file-backed memory) the region still works
+// through unregistered I/O and registration_error() says why.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace dpmove {
+
+// The kernel caps one fixed buffer at 1 GiB.
+constexpr size_t kMaxRegChunk = size_t{1} << 30;
+
+class BufferRegistry {
+ public:
+  virtual ~BufferRegistry() = default;
+  // Registers [addr, addr + len) on every ring. Returns a slot >= 0, or -errno.
+  // Thread-safe.
+  virtual int register_buffer(void* addr, size_t len) = 0;
+  // Gives the slot back. In-flight I/O that used it stays valid (the kernel holds its own
+  // reference until that I/O completes). Thread-safe.
+  virtual void unregister_buffer(int slot) = 0;
+};
+
+struct RegChunk {
+  size_t offset;  // from Memory base, bytes
+  size_t length;  // bytes, <= kMaxRegChunk
+  int slot;
+};
+
+class Memory {
+ public:
+  // `release` frees the storage; it runs once, from the destructor, on whatever thread drops
+  // the last reference (a worker thread included).
+  Memory(uint8_t* base, size_t size, bool writable, std::function<void()> release, std::string kind);
+  ~Memory();
+  Memory(const Memory&) = delete;
+  Memory& operator=(const Memory&) = delete;
+
+  // Allocates `size` bytes of zeroed, page-aligned anonymous memory. hugepages: MAP_HUGETLB
+  // (size rounded up to 2 MiB). Throws SysError.
+  static std::shared_ptr<Memory> allocate(size_t size, bool hugepages);
+
+  // Registers the whole range with `registry`, chunk by chunk. Returns 0 or -errno; on
+  // failure nothing stays registered and registration_error() holds the reason.
+  int register_with(const std::shared_ptr<BufferRegistry>& registry);
+  void unregister();
+
+  // Slot whose chunk contains [off, off + len) or -1 (unregistered, or the range crosses a
+  // chunk boundary). `off` is from the Memory base.
+  int find_slot(size_t off, size_t len) const noexcept;
+
+  uint8_t* base() const noexcept { return base_; }
+  size_t size() const noexcept { return size_; }
+  bool writable() const noexcept { return writable_; }
+  const std::string& kind() const noexcept { return kind_; }
+  bool registered() const;
+  std::string registration_error() const;
+
+  // Marks the memory closed for new requests (done when its root view closes) and
+  // unregisters it. Storage stays until the last holder is gone.
+  void close();
+  bool closed() const noexcept { return closed_.load(std::memory_order_acquire); }
+
+ private:
+  uint8_t* base_;
+  size_t size_;
+  bool writable_;
+  std::function<void()> release_;
+  std::string kind_;
+  mutable std::mutex mu_;
+  std::vector<RegChunk> chunks_;  // sorted by offset, contiguous, cover [0, size) when registered
+  std::weak_ptr<BufferRegistry> registry_;
+  std::string reg_error_;
+  std::atomic<bool> closed_{false};
+};
+
+class Region {
+ public:
+  Region(std::shared_ptr<Memory> mem, size_t offset, size_t length);
+
+  // A sub-view [offset, offset + length) of this region; shares the Memory. Throws UsageError
+  // when it does not fit.
+  std::shared_ptr<Region> slice(size_t offset, size_t length) const;
+
+  uint8_t* data() const noexcept { return mem_->base() + offset_; }
+  size_t size() const noexcept { return length_; }
+  size_t offset_in_memory() const noexcept { return offset_; }
+  bool writable() const noexcept { return mem_->writable(); }
+  const std::shared_ptr<Memory>& memory() const noexcept { return mem_; }
+
+  // Closing a view makes it unusable for new requests. Closing the root view (the one the
+  // engine returned) also unregisters the memory; storage is freed when the last request or
+  // slice that holds it is gone.
+  void close();
+  bool closed() const noexcept;
+  void check_open() const;  // throws ClosedError
+
+  void set_root(bool root) noexcept { root_ = root; }
+  bool is_root() const noexcept { return root_; }
+
+ private:
+  std::shared_ptr<Memory> mem_;
+  size_t offset_;
+  size_t length_;
+  bool root_ = false;
+  std::atomic<bool> closed_{false};
+};
+
+}  // namespace dpmove

@@ -1,0 +1,133 @@
+// A batch of transfer entries with one deadline and one terminal state.
+//
+// Life cycle of an entry (status[i], int32):
+//   kEntryPending --start()--> kEntryRunning --finish()--> 0 | kEntryShort | -errno
+//   kEntryPending --sweep on cancel/timeout--> -ECANCELED | -ETIMEDOUT   (never started)
+// Each transition is a compare-and-swap, so an entry is started at most once and finished at
+// most once; a second finish is refused and counted (duplicate_finishes(), always 0 unless a
+// backend is broken).
+//
+// Request state: kPending until either every entry finished (kDone when all are 0, else
+// kFailed) or the deadline passed (kTimedOut) or cancel() was called (kCancelled); the first
+// of these wins and the state never changes again. kTimedOut and kCancelled can be reached
+// while entries are still kEntryRunning: quiesced() tells when none is, i.e. when no I/O of
+// this request can touch its buffers any more. kDone and kFailed are always quiesced.
+//
+// Thread safety: every method may be called from any thread.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+namespace dpmove {
+
+class File;
+class Region;
+
+enum class ReqState : int { kPending = 0, kDone = 1, kFailed = 2, kTimedOut = 3, kCancelled = 4 };
+enum class OpKind : uint8_t { kRead = 0, kWrite = 1 };
+
+const char* state_name(ReqState s) noexcept;
+const char* op_name(OpKind op) noexcept;
+
+// One row of a batch: bytes [file_offset, +length) <-> region bytes [region_offset, +length).
+struct IoEntry {
+  int64_t file_offset;
+  int64_t region_offset;
+  int64_t length;
+};
+static_assert(sizeof(IoEntry) == 24, "IoEntry must match an (N, 3) int64 array row");
+
+int64_t now_ns() noexcept;  // CLOCK_MONOTONIC
+
+class Request {
+ public:
+  // deadline_ns: absolute CLOCK_MONOTONIC time, or INT64_MAX for none.
+  Request(uint64_t id, OpKind op, std::shared_ptr<File> file, std::shared_ptr<Region> region,
+          std::vector<IoEntry> entries, int64_t deadline_ns, bool timing);
+
+  uint64_t id() const noexcept { return id_; }
+  OpKind op() const noexcept { return op_; }
+  const std::shared_ptr<File>& file() const noexcept { return file_; }
+  const std::shared_ptr<Region>& region() const noexcept { return region_; }
+  size_t size() const noexcept { return entries_.size(); }
+  const IoEntry& entry(size_t i) const noexcept { return entries_[i]; }
+  int64_t deadline_ns() const noexcept { return deadline_ns_; }
+  bool timing() const noexcept { return timing_; }
+
+  // --- backend side ---
+  // Claims entry i for execution. False when it was already swept (cancelled / timed out):
+  // the backend must then not touch it.
+  bool start(size_t i) noexcept;
+  // Records the outcome of a started entry. Returns false (and counts a duplicate) when the
+  // entry was not running.
+  bool finish(size_t i, int32_t status, int64_t bytes) noexcept;
+  void set_start_time(size_t i, int64_t t) noexcept { if (timing_) t_start_[i] = t; }
+
+  // --- caller side ---
+  ReqState state() const noexcept { return static_cast<ReqState>(state_.load(std::memory_order_acquire)); }
+  bool terminal() const noexcept { return state() != ReqState::kPending; }
+  // Applies the deadline if it has passed; returns state().
+  ReqState poll() noexcept;
+  // True when kCancelled was set by this call; then tells the backend (kick hook) so running
+  // entries get cancelled in the kernel now rather than at their completion.
+  bool cancel() noexcept;
+  void set_kick(std::function<void()> kick) { kick_ = std::move(kick); }
+  // Blocks until terminal (true) or until timeout_ns elapses (false); applies the deadline.
+  // Call without the GIL.
+  bool wait(int64_t timeout_ns) noexcept;
+  // Blocks until terminal and no entry is running (true) or timeout (false).
+  bool wait_quiesced(int64_t timeout_ns) noexcept;
+  bool quiesced() const noexcept { return terminal() && running_.load(std::memory_order_acquire) == 0; }
+
+  int64_t running() const noexcept { return running_.load(std::memory_order_acquire); }
+  int64_t unfinished() const noexcept { return unfinished_.load(std::memory_order_acquire); }
+  int64_t failed() const noexcept { return failed_.load(std::memory_order_acquire); }
+  int64_t bytes_done() const noexcept { return bytes_done_.load(std::memory_order_acquire); }
+  int64_t duplicate_finishes() const noexcept { return duplicates_.load(std::memory_order_relaxed); }
+
+  // Copies of the per-entry arrays (N,), safe to call at any time.
+  void copy_status(int32_t* out) const noexcept;
+  void copy_bytes(int64_t* out) const noexcept;
+  // Per-entry latency (ns) from first submission to completion; -1 where not measured.
+  void copy_latency(int64_t* out) const noexcept;
+  // First entry whose status is not 0 (index, status), or (-1, 0).
+  std::pair<int64_t, int32_t> first_failure() const noexcept;
+
+ private:
+  bool set_terminal(ReqState s) noexcept;  // CAS from kPending; notifies
+  void sweep(int32_t status) noexcept;     // kEntryPending -> status for all entries
+  void notify() noexcept;
+
+  const uint64_t id_;
+  const OpKind op_;
+  const std::shared_ptr<File> file_;
+  const std::shared_ptr<Region> region_;
+  const std::vector<IoEntry> entries_;
+  const int64_t deadline_ns_;
+  const bool timing_;
+
+  std::unique_ptr<std::atomic<int32_t>[]> status_;
+  std::unique_ptr<int64_t[]> bytes_;  // written by the finishing thread before status
+  std::unique_ptr<int64_t[]> t_start_, t_end_;
+
+  std::atomic<int> state_{0};
+  std::atomic<int64_t> unfinished_;
+  std::atomic<int64_t> running_{0};
+  std::atomic<int64_t> failed_{0};
+  std::atomic<int64_t> bytes_done_{0};
+  std::atomic<int64_t> duplicates_{0};
+
+  std::function<void()> kick_;  // set before the request is shared; read-only afterwards
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+};
+
+}  // namespace dpmove

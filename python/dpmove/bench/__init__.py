@@ -1,0 +1,1 @@
+"""Microbenchmarks behind ``dpmove bench``: one aligned row per case, medians, --json."""

@@ -1,0 +1,207 @@
+"""The public Engine: argument normalisation over the native core.
+
+Batches are integer arrays of shape (N, 3) - file_offset, region_offset, length, all in bytes -
+never lists of per-entry objects. Any integer dtype is accepted; it is converted once to a
+C-contiguous int64 array (no copy when it already is one).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import warnings
+import weakref
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from . import _core
+
+__all__ = ["Engine", "entries", "as_entries"]
+
+_INT64_MAX = np.iinfo(np.int64).max
+_live: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+def as_entries(batch: Any) -> np.ndarray:
+    """Returns `batch` as a C-contiguous int64 array of shape (N, 3).
+
+    Accepts any integer array-like of shape (N, 3), or (3,) for a single entry. An empty
+    batch gives shape (0, 3). Raises TypeError for non-integer data, ValueError for a wrong
+    shape or unsigned values that do not fit in int64.
+    """
+    a = np.asarray(batch)
+    if a.dtype == np.int64 and a.ndim == 2 and a.shape[1] == 3 and a.flags.c_contiguous:
+        return a
+    if a.size == 0:
+        return np.empty((0, 3), dtype=np.int64)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"entries must be integers (file_offset, region_offset, length in bytes); got dtype {a.dtype}")
+    if a.ndim == 1 and a.shape[0] == 3:
+        a = a.reshape(1, 3)
+    if a.ndim != 2 or a.shape[1] != 3:
+        raise ValueError(f"entries must have shape (N, 3): file_offset, region_offset, length; got shape {a.shape}")
+    if a.dtype.kind == "u" and int(a.max()) > _INT64_MAX:
+        raise ValueError("entries hold values above 2**63-1 bytes; offsets and lengths must fit in int64")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def entries(file_offsets: Any, region_offsets: Any, lengths: Any) -> np.ndarray:
+    """Builds an (N, 3) int64 batch from three columns; scalars broadcast."""
+    cols = np.broadcast_arrays(np.asarray(file_offsets), np.asarray(region_offsets), np.asarray(lengths))
+    for c in cols:
+        if c.dtype.kind not in "iu":
+            raise TypeError(f"entries must be integers; got dtype {c.dtype}")
+    out = np.empty((cols[0].size, 3), dtype=np.int64)
+    for j, c in enumerate(cols):
+        out[:, j] = c.reshape(-1)
+    return out
+
+
+class Engine:
+    """One per process: owns the I/O workers, rings, registered memory and files.
+
+    Parameters
+    ----------
+    backend:
+        ``"auto"`` (io_uring where usable, else the thread pool; the environment variable
+        ``DPMOVE_BACKEND`` overrides), ``"io_uring"`` (raise if unusable) or ``"threadpool"``.
+    num_workers:
+        Rings (io_uring) or thread groups (thread pool). Large batches are split across them.
+    queue_depth:
+        Entries in flight per worker.
+    register_buffers, register_files:
+        Register regions and files with the rings (fixed buffers / files). A failed
+        registration is not an error: the region works unregistered and says why.
+    default_timeout_s:
+        Deadline given to requests that do not name one (None: no deadline).
+    """
+
+    def __init__(
+        self,
+        backend: Optional[str] = None,
+        *,
+        num_workers: int = 2,
+        queue_depth: int = 64,
+        register_buffers: bool = True,
+        register_files: bool = True,
+        default_timeout_s: Optional[float] = 60.0,
+    ) -> None:
+        if backend is None:
+            backend = os.environ.get("DPMOVE_BACKEND", "auto")
+        self._core = _core.Engine(
+            backend,
+            num_workers=num_workers,
+            queue_depth=queue_depth,
+            register_buffers=register_buffers,
+            register_files=register_files,
+            default_timeout_s=default_timeout_s,
+        )
+        _live.add(self)
+
+    # --- facts -------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """``"io_uring"`` or ``"threadpool"``."""
+        return self._core.backend
+
+    @property
+    def backend_reason(self) -> str:
+        """Why this backend is active (e.g. why io_uring was not usable)."""
+        return self._core.backend_reason
+
+    @property
+    def closed(self) -> bool:
+        return self._core.closed
+
+    @property
+    def num_workers(self) -> int:
+        return self._core.num_workers
+
+    @property
+    def queue_depth(self) -> int:
+        return self._core.queue_depth
+
+    def stats(self) -> dict:
+        """Counters: entries started, kernel ops, resubmits, cancels, fixed buffer/file use."""
+        return self._core.stats()
+
+    def describe(self) -> dict:
+        return self._core.describe()
+
+    # --- memory and files --------------------------------------------------------------------
+    def alloc(self, nbytes: int, *, hugepages: bool = False, register: bool = True) -> "_core.Region":
+        """Zeroed, page-aligned memory owned by dpmove (hugepages: MAP_HUGETLB, 2 MiB pages)."""
+        return self._core.alloc(int(nbytes), hugepages=hugepages, register=register)
+
+    def register(self, obj: Any, *, register: bool = True) -> "_core.Region":
+        """A Region over a C-contiguous buffer-protocol object (numpy array, bytearray, ...).
+
+        Read-only objects give read-only regions (sources of writes only). The object stays
+        exported (cannot be resized) until the region and every request using it are gone.
+        """
+        return self._core.register(obj, register=register)
+
+    def open(
+        self, path: Union[str, os.PathLike], mode: str = "r", *, direct: Union[bool, str] = "auto", register: bool = True
+    ) -> "_core.File":
+        """Opens `path` for block I/O.
+
+        mode: ``"r"`` read; ``"r+"`` read/write, must exist; ``"rw"`` read/write, created if
+        missing; ``"w"`` write, created and truncated; ``"w+"`` read/write, created and truncated.
+        direct: ``True`` O_DIRECT or raise; ``False`` page cache; ``"auto"`` O_DIRECT where the
+        filesystem allows it (``File.direct`` and ``File.direct_reason`` say what happened).
+        """
+        return self._core.open(os.fsdecode(os.fspath(path)), mode, direct, register)
+
+    # --- transfers ---------------------------------------------------------------------------
+    def read(
+        self, file: "_core.File", region: Any, batch: Any, *, timeout_s: Optional[float] = None, timing: bool = False
+    ) -> "_core.Request":
+        """Reads file bytes into `region` for every (file_offset, region_offset, length) row.
+
+        `region` is a Region or a writable C-contiguous buffer (used unregistered). Returns at
+        once with a Request; `timeout_s` sets its deadline (None: the engine default).
+        `timing` records per-entry latency (Request.latency_ns).
+        """
+        return self._core.read(file, region, as_entries(batch), timeout_s, timing)
+
+    def write(
+        self, file: "_core.File", region: Any, batch: Any, *, timeout_s: Optional[float] = None, timing: bool = False
+    ) -> "_core.Request":
+        """Writes region bytes to the file for every (file_offset, region_offset, length) row."""
+        return self._core.write(file, region, as_entries(batch), timeout_s, timing)
+
+    # --- lifetime ----------------------------------------------------------------------------
+    def close(self, timeout_s: Optional[float] = 10.0) -> None:
+        """Cancels what is in flight, waits up to `timeout_s` for the kernel to release the
+        buffers, and stops the workers. Idempotent. Warns (ResourceWarning) when I/O was still
+        running at the end: its memory is then kept, never freed under the kernel."""
+        stuck = self._core.close(timeout_s)
+        if stuck:
+            warnings.warn(
+                f"dpmove.Engine.close: {stuck} entries still running after {timeout_s} s; their buffers are kept alive",
+                ResourceWarning,
+                stacklevel=2,
+            )
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.num_workers} workers x depth {self.queue_depth}"
+        return f"<dpmove.Engine {self.backend} {state}>"
+
+
+@atexit.register
+def _close_all() -> None:
+    # Workers must be gone before the interpreter tears down: they may still need the GIL to
+    # give a Python buffer back.
+    for e in list(_live):
+        try:
+            e.close()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass

@@ -1,0 +1,41 @@
+"""What dpmove was built with and what works on this host (``dpmove info``)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+from typing import Optional
+
+from . import _core
+
+
+def _limit(v: int) -> str:
+    return "unlimited" if v == resource.RLIM_INFINITY else f"{v} bytes"
+
+
+def info(path: Optional[str] = None) -> dict:
+    """Returns a dict: version, kernel, each backend (compiled, usable, why), the backend an
+    ``Engine()`` picks here and why, RLIMIT_MEMLOCK (registered buffers count against it when
+    not root), and - when `path` is given - O_DIRECT support and alignment for that path."""
+    uring = _core.probe_io_uring()
+    out: dict = {
+        "version": _core.__version__,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "backends": {
+            "io_uring": uring,
+            "threadpool": {"compiled": "yes", "usable": "yes", "reason": "pread/pwrite on threads; always available"},
+        },
+    }
+    try:
+        eng = _core.Engine(os.environ.get("DPMOVE_BACKEND", "auto"), num_workers=1, queue_depth=1)
+        out["active"] = {"backend": eng.backend, "reason": eng.backend_reason, **eng.describe()}
+        eng.close()
+    except Exception as exc:  # noqa: BLE001 - reported, not raised: info must always answer
+        out["active"] = {"backend": "none", "reason": f"{type(exc).__name__}: {exc}"}
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    out["memlock"] = {"soft": _limit(soft), "hard": _limit(hard), "root": os.geteuid() == 0}
+    if path is not None:
+        out["direct_io"] = _core.probe_direct(os.fsdecode(path))
+    return out
