@@ -29,7 +29,7 @@ def info(path: Optional[str] = None) -> dict:
         },
     }
     try:
-        eng = _core.Engine(os.environ.get("DPMOVE_BACKEND", "auto"), num_workers=1, queue_depth=1)
+        eng = _core.Engine(os.environ.get("DPMOVE_BACKEND", "auto"))  # the defaults Engine() uses
         out["active"] = {"backend": eng.backend, "reason": eng.backend_reason, **eng.describe()}
         eng.close()
     except Exception as exc:  # noqa: BLE001 - reported, not raised: info must always answer
