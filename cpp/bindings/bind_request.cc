@@ -99,8 +99,12 @@ Per entry: ``status`` (int32: 0 done, ENTRY_SHORT end of file, -errno failed, -E
            },
            py::arg("timeout_s") = py::none(),
            "Block until terminal and no entry is running (True), or timeout (False). After it returns "
-           "True no I/O of this request touches its buffers any more.")
-      .def_property_readonly("quiesced", &Request::quiesced, "terminal and no entry running")
+           "True no I/O of this request touches its buffers any more and every status is final.")
+      .def("cancel", &Request::cancel,
+           "Move a pending request to CANCELLED: entries not started are never started (status -ECANCELED), "
+           "running ones are cancelled in the kernel where the backend can. Returns True when this call "
+           "cancelled it, False when it was already terminal. wait_quiesced() tells when the buffers are safe.")
+      .def_property_readonly("quiesced", &Request::quiesced, "terminal, no entry running, every status final")
       .def_property_readonly("in_flight", &Request::running, "entries handed to the kernel or a thread and not finished")
       .def_property_readonly("num_failed", &Request::failed, "entries finished with a non-zero status")
       .def_property_readonly("bytes_done", &Request::bytes_done, "bytes moved so far, all entries")

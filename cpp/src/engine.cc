@@ -66,6 +66,21 @@ class SlotRegistry final : public BufferRegistry, public FileRegistry {
   std::vector<int> free_buf_, free_file_;
 };
 
+// What a request's cancel() calls to wake the backend. Requests hold it, never the Engine, so a
+// worker thread that cancels a request can never end up owning (and destroying) the Engine.
+struct Kicker {
+  std::mutex mu;
+  Backend* backend = nullptr;  // null once the engine closes
+  void kick() {
+    std::lock_guard<std::mutex> lk(mu);
+    if (backend) backend->kick();
+  }
+  void detach() {
+    std::lock_guard<std::mutex> lk(mu);
+    backend = nullptr;
+  }
+};
+
 std::shared_ptr<Engine> Engine::create(const EngineOptions& opts) {
   if (opts.num_workers < 1 || opts.num_workers > 256)
     throw UsageError("Engine: num_workers must be in [1, 256], got " + std::to_string(opts.num_workers));
@@ -100,6 +115,8 @@ std::shared_ptr<Engine> Engine::create(const EngineOptions& opts) {
     e->backend_reason_ = opts.backend == "threadpool" ? "threadpool requested" : "fallback: " + uring_why;
   }
   e->backend_name_ = e->backend_->name();
+  e->kicker_ = std::make_shared<Kicker>();
+  e->kicker_->backend = e->backend_.get();
   e->registry_ = std::make_shared<SlotRegistry>(e->backend_.get(), opts.max_registered_buffers, opts.max_registered_files);
   return e;
 }
@@ -147,11 +164,22 @@ std::string entry_str(size_t i, const IoEntry& e) {
 std::shared_ptr<Request> Engine::submit(OpKind op, const std::shared_ptr<File>& file,
                                         const std::shared_ptr<Region>& region, const IoEntry* entries, size_t n,
                                         int64_t timeout_ns, bool timing) {
-  check_open();
+  // try-lock: a thread that holds the GIL must not wait for close(), whose workers may need
+  // the GIL to give a Python buffer back.
+  std::shared_lock<std::shared_mutex> life(life_mu_, std::try_to_lock);
+  if (!life.owns_lock() || closed()) throw ClosedError("Engine is closed");
   if (!file) throw UsageError("expected a File, got None");
   if (!region) throw UsageError("expected a Region, got None");
   file->check_open();
   region->check_open();
+  // Registered-file and registered-buffer slot numbers are per engine: another engine's slot
+  // would name a different file or buffer on this engine's rings.
+  if (file->registered_elsewhere(registry_.get()))
+    throw UsageError("'" + file->path() + "' was opened by another Engine, whose registered-file slot it holds; "
+                     "open it with this Engine (or with register=False to share it)");
+  if (region->memory()->registered_elsewhere(registry_.get()))
+    throw UsageError("the region is registered with another Engine, whose fixed-buffer slots it holds; "
+                     "allocate or register it with this Engine (or with register=False to share it)");
   if (op == OpKind::kRead && !file->readable())
     throw UnsupportedError(EBADF, "read: '" + file->path() + "' was opened write-only (mode='w'); open it with mode='r' or 'rw'");
   if (op == OpKind::kWrite && !file->writable())
@@ -163,8 +191,11 @@ std::shared_ptr<Request> Engine::submit(OpKind op, const std::shared_ptr<File>& 
   const bool direct = file->direct();
   const uint64_t oalign = file->offset_align(), malign = file->mem_align();
   const uintptr_t base = reinterpret_cast<uintptr_t>(region->data());
+  // Validate the copy, not the caller's array: with the GIL released another thread could
+  // change the array between a check and a copy.
+  std::vector<IoEntry> copy(entries, entries + n);
   for (size_t i = 0; i < n; ++i) {
-    const IoEntry& e = entries[i];
+    const IoEntry& e = copy[i];
     if (e.file_offset < 0 || e.region_offset < 0)
       throw UsageError(entry_str(i, e) + ": offsets must be >= 0");
     if (e.length <= 0) throw UsageError(entry_str(i, e) + ": length must be > 0 bytes");
@@ -185,42 +216,38 @@ std::shared_ptr<Request> Engine::submit(OpKind op, const std::shared_ptr<File>& 
   int64_t now = now_ns();
   if (timeout_ns < 0) timeout_ns = opts_.default_timeout_ns;
   int64_t deadline = (timeout_ns == INT64_MAX || now > INT64_MAX - timeout_ns) ? INT64_MAX : now + timeout_ns;
-  std::vector<IoEntry> copy(entries, entries + n);
-  auto req = std::make_shared<Request>(next_id_.fetch_add(1), op, file, region, std::move(copy), deadline, timing);
-  req->set_kick([w = weak_from_this()] {
-    auto e = w.lock();
-    // closed() first: close() sets it before shutting down, so a cancel issued from inside
-    // close() (same thread, mutex held) never reaches try_lock.
-    if (!e || e->closed()) return;
-    std::unique_lock<std::mutex> lk(e->close_mu_, std::try_to_lock);
-    // A failed try_lock means close() is running, and it cancels everything itself.
-    if (lk.owns_lock() && !e->closed() && e->backend_) e->backend_->kick();
-  });
+  // Not make_shared: the deadline heaps hold weak_ptrs, which would pin the whole object.
+  std::shared_ptr<Request> req(new Request(next_id_.fetch_add(1), op, file, region, std::move(copy), deadline, timing));
+  req->set_kick([k = kicker_] { k->kick(); });
   backend_->submit(req);
   return req;
 }
 
 int64_t Engine::close(int64_t timeout_ns) {
-  std::lock_guard<std::mutex> lk(close_mu_);
   if (closed_.exchange(true)) return 0;
+  std::unique_lock<std::shared_mutex> life(life_mu_);
+  // Registrations first: a Region or File dropped on another thread during the shutdown must
+  // not reach rings that are going away.
+  if (registry_) registry_->detach();
+  if (kicker_) kicker_->detach();
   int64_t stuck = backend_ ? backend_->shutdown(timeout_ns) : 0;
   if (backend_) final_stats_ = backend_->stats();
-  if (registry_) registry_->detach();
-  if (stuck) backend_.release();  // keep what the kernel may still write into
+  if (stuck) backend_.release();  // keep what the kernel or a blocked thread may still write into
   backend_.reset();
   return stuck;
 }
 
 BackendStats Engine::stats() const {
-  std::lock_guard<std::mutex> lk(close_mu_);
-  if (closed()) return final_stats_;
+  // try-lock for the same reason as submit(); while close() runs there is nothing to report.
+  std::shared_lock<std::shared_mutex> lk(life_mu_, std::try_to_lock);
+  if (!lk.owns_lock() || closed() || !backend_) return final_stats_;
   return backend_->stats();
 }
 
 std::map<std::string, std::string> Engine::describe() const {
-  std::lock_guard<std::mutex> lk(close_mu_);
+  std::shared_lock<std::shared_mutex> lk(life_mu_, std::try_to_lock);
   std::map<std::string, std::string> d;
-  if (!closed() && backend_) d = backend_->describe();
+  if (lk.owns_lock() && !closed() && backend_) d = backend_->describe();
   d["backend"] = backend_name_;
   d["reason"] = backend_reason_;
   return d;

@@ -131,6 +131,11 @@ void File::register_with(const std::shared_ptr<FileRegistry>& registry) {
   }
 }
 
+bool File::registered_elsewhere(const FileRegistry* registry) const noexcept {
+  // registry_ is written before the release store of fixed_slot_ and never changes after.
+  return fixed_slot() >= 0 && registry_.lock().get() != registry;
+}
+
 void File::close() {
   closed_.store(true, std::memory_order_release);
   // The fixed slot stays registered until the descriptor is closed: queued requests may still

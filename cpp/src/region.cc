@@ -72,8 +72,9 @@ void Memory::unregister() {
 }
 
 void Memory::close() {
+  // Registration stays until ~Memory: a request that holds this memory may have prepared an
+  // SQE naming the slot, and clearing (or reusing) the slot under it would fail that I/O.
   closed_.store(true, std::memory_order_release);
-  unregister();
 }
 
 int Memory::find_slot(size_t off, size_t len) const noexcept {
@@ -84,6 +85,11 @@ int Memory::find_slot(size_t off, size_t len) const noexcept {
   const RegChunk& c = chunks_[idx];
   if (off + len > c.offset + c.length) return -1;
   return c.slot;
+}
+
+bool Memory::registered_elsewhere(const BufferRegistry* registry) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return !chunks_.empty() && registry_.lock().get() != registry;
 }
 
 bool Memory::registered() const {

@@ -47,16 +47,22 @@ Request::Request(uint64_t id, OpKind op, std::shared_ptr<File> file, std::shared
 }
 
 bool Request::start(size_t i) noexcept {
-  // running_ goes up before the CAS so that a concurrent sweep + quiesced() check can never
-  // see zero running entries while this one is about to be handed to the kernel.
+  // No entry starts once the request is terminal, even before the sweep (which runs after the
+  // state flips) reaches it. An entry that does start holds unfinished_ above 0 until it
+  // finishes, so quiesced() cannot be true while it runs. running_ goes up before the state is
+  // read (all seq_cst) so in_flight never misses an entry about to be handed to the kernel.
   running_.fetch_add(1, std::memory_order_seq_cst);
   int32_t expect = kEntryPending;
-  if (status_[i].compare_exchange_strong(expect, kEntryRunning, std::memory_order_seq_cst)) return true;
+  if (state_.load(std::memory_order_seq_cst) == static_cast<int>(ReqState::kPending) &&
+      status_[i].compare_exchange_strong(expect, kEntryRunning, std::memory_order_seq_cst))
+    return true;
   if (running_.fetch_sub(1, std::memory_order_seq_cst) == 1 && terminal()) notify();
   return false;
 }
 
 bool Request::finish(size_t i, int32_t status, int64_t bytes) noexcept {
+  // Only the thread that won start(i) finishes entry i, so t_end_ and bytes_ have a single
+  // writer; they are written before the status release that publishes them.
   if (timing_) t_end_[i] = now_ns();
   int32_t cur = status_[i].load(std::memory_order_acquire);
   if (cur != kEntryRunning) {
@@ -72,18 +78,14 @@ bool Request::finish(size_t i, int32_t status, int64_t bytes) noexcept {
   if (status != kEntryOk) failed_.fetch_add(1, std::memory_order_relaxed);
   bool last_running = running_.fetch_sub(1, std::memory_order_seq_cst) == 1;
   bool last_entry = unfinished_.fetch_sub(1, std::memory_order_acq_rel) == 1;
-  if (last_entry) {
-    set_terminal(failed_.load(std::memory_order_acquire) ? ReqState::kFailed : ReqState::kDone);
-  }
-  if (last_running && terminal()) notify();
+  if (last_entry) set_terminal(failed_.load(std::memory_order_acquire) ? ReqState::kFailed : ReqState::kDone);
+  if (last_entry || (last_running && terminal())) notify();
   return true;
 }
 
 bool Request::set_terminal(ReqState s) noexcept {
   int expect = static_cast<int>(ReqState::kPending);
-  if (!state_.compare_exchange_strong(expect, static_cast<int>(s), std::memory_order_acq_rel)) return false;
-  notify();
-  return true;
+  return state_.compare_exchange_strong(expect, static_cast<int>(s), std::memory_order_seq_cst);
 }
 
 void Request::sweep(int32_t status) noexcept {
@@ -102,6 +104,7 @@ void Request::sweep(int32_t status) noexcept {
 ReqState Request::poll() noexcept {
   ReqState s = state();
   if (s == ReqState::kPending && deadline_ns_ != INT64_MAX && now_ns() >= deadline_ns_) {
+    // sweep() notifies, after the never-started entries have their final status.
     if (set_terminal(ReqState::kTimedOut)) sweep(-ETIMEDOUT);
     s = state();
   }

@@ -21,8 +21,10 @@ namespace dpmove {
 
 namespace {
 
-constexpr uint64_t kWakeTag = ~uint64_t{0};
-constexpr uint64_t kCancelTag = ~uint64_t{0} - 1;
+// Not ~0: liburing reserves LIBURING_UDATA_TIMEOUT (~0) for its internal timeouts. Operation
+// tags are (generation << 32 | slot) with slot < queue_depth, so these never collide with one.
+constexpr uint64_t kWakeTag = ~uint64_t{0} - 0x10;
+constexpr uint64_t kCancelTag = ~uint64_t{0} - 0x11;
 
 unsigned next_pow2(unsigned v) {
   unsigned p = 1;
@@ -59,7 +61,9 @@ class UringWorker {
   UringWorker(unsigned queue_depth) : qd_(queue_depth) {}
 
   int init(unsigned max_buffers, unsigned max_files, bool* fixed_bufs, bool* fixed_files, std::string* flags) {
-    int rc = init_ring(&ring_, next_pow2(qd_ + 16), flags);
+    // Between two submits the worker can queue one SQE per slot (fills and retries share the
+    // qd slots), one cancel per slot and the eventfd read: 2 * qd + 1. The CQ is twice the SQ.
+    int rc = init_ring(&ring_, next_pow2(2 * qd_ + 2), flags);
     if (rc < 0) return rc;
     ring_ok_ = true;
     wake_fd_ = eventfd(0, EFD_CLOEXEC);
@@ -84,7 +88,14 @@ class UringWorker {
   void push(std::shared_ptr<Request> req, size_t begin, size_t end) {
     {
       std::lock_guard<std::mutex> lk(mu_);
-      incoming_.push_back({std::move(req), begin, end});
+      if (!stop_) {
+        incoming_.push_back({std::move(req), begin, end});
+        req = nullptr;
+      }
+    }
+    if (req) {
+      req->cancel();  // stopping: nothing will run it
+      return;
     }
     wake();
   }
@@ -104,9 +115,12 @@ class UringWorker {
 
   // Returns the entries still running once the thread has exited or the timeout passed.
   int64_t join(int64_t timeout_ns) {
-    int64_t until = now_ns() + timeout_ns;
+    int64_t now = now_ns();
+    int64_t until = timeout_ns > INT64_MAX - now ? INT64_MAX : now + timeout_ns;
     std::unique_lock<std::mutex> lk(mu_);
-    exit_cv_.wait_for(lk, std::chrono::nanoseconds(std::max<int64_t>(0, until - now_ns())), [this] { return exited_; });
+    // Slices: wait_for with a huge duration overflows inside libstdc++ and returns at once.
+    while (!exited_ && (now = now_ns()) < until)
+      exit_cv_.wait_for(lk, std::chrono::nanoseconds(std::min<int64_t>(until - now, 100'000'000)));
     bool exited = exited_;
     lk.unlock();
     if (exited) {
@@ -139,18 +153,21 @@ class UringWorker {
 
   void wake() {
     uint64_t one = 1;
-    // A failed write only happens if the counter would overflow, i.e. a wake is pending anyway.
+    // The counter cannot come near overflow (the worker reads it on every wake), so this write
+    // neither blocks nor fails in practice; a lost write would still be followed by the next.
     ssize_t r = write(wake_fd_, &one, sizeof(one));
     (void)r;
   }
 
+  // The SQ is sized for the most SQEs one loop pass queues (see init), so the first call
+  // succeeds; the loop only guards against a submit that the kernel refused for a moment.
   io_uring_sqe* get_sqe() {
-    io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
-    if (!sqe) {
-      io_uring_submit(&ring_);
-      sqe = io_uring_get_sqe(&ring_);
+    for (;;) {
+      io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+      if (sqe) return sqe;
+      int rc = io_uring_submit(&ring_);
+      if (rc == -EBUSY || rc == -EAGAIN) std::this_thread::sleep_for(std::chrono::microseconds(50));
     }
-    return sqe;  // never null: the SQ has qd + 16 entries and we keep at most qd ops + cancels
   }
 
   void arm_wake() {
@@ -273,7 +290,9 @@ class UringWorker {
     if (r.terminal()) return finish(si, stopped);  // partial: bytes say how far it got
     // O_DIRECT transfers stop short only at end of file (read) or on a device error (write);
     // the remainder would start misaligned, so report rather than resubmit.
-    if (r.file()->direct() && (e.file_offset + s.done) % r.file()->offset_align() != 0)
+    const uintptr_t next_addr = reinterpret_cast<uintptr_t>(r.region()->data() + e.region_offset + s.done);
+    if (r.file()->direct() &&
+        ((e.file_offset + s.done) % r.file()->offset_align() != 0 || next_addr % r.file()->mem_align() != 0))
       return finish(si, is_read ? kEntryShort : -EIO);
     retry(si);
   }
@@ -321,13 +340,15 @@ class UringWorker {
         drain_incoming();
         if (stopping_ || scan_.exchange(false, std::memory_order_acq_rel)) scan(now_ns());
       }
+      // Due deadlines before fill(), so an already expired request never starts an entry.
+      if (!deadlines_.empty() && deadlines_.top().first <= now_ns()) scan(now_ns());
       if (stopping_ && inflight_ops_ == 0) {
         // Everything queued was cancelled in scan(); nothing is running any more.
         for (auto& it : pending_) it.req->cancel();
         pending_.clear();
         break;
       }
-      if (!stopping_) fill();
+      if (!stopping_ && !ring_error_) fill();
       if (!armed_wake_read_) arm_wake();
 
       __kernel_timespec ts{};
@@ -342,8 +363,19 @@ class UringWorker {
       io_uring_cqe* cqe = nullptr;
       int rc = io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, tsp, nullptr);
       if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EBUSY && rc != -EAGAIN) {
-        // The ring itself failed (should not happen); fail what is running so waiters end.
-        fatal_ = rc;
+        // The ring refused to enter (e.g. -ENOMEM): start nothing new and end the requests so
+        // waiters return, but keep every running slot - the kernel may still complete into
+        // those buffers - until its completion arrives. Retry entering after a pause.
+        if (!ring_error_) {
+          for (auto& it : pending_) it.req->cancel();
+          pending_.clear();
+          for (auto& sl : slots_)
+            if (sl.req) sl.req->cancel();
+        }
+        ring_error_ = rc;
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      } else {
+        ring_error_ = 0;
       }
       unsigned head, count = 0;
       io_uring_for_each_cqe(&ring_, head, cqe) {
@@ -354,16 +386,6 @@ class UringWorker {
       now = now_ns();
       if (!deadlines_.empty() && deadlines_.top().first <= now) scan(now);
       else if (scan_.exchange(false, std::memory_order_acq_rel)) scan(now);
-      if (fatal_ && count == 0) {
-        // No progress possible on this ring: end every request it holds.
-        for (auto& it : pending_) it.req->cancel();
-        pending_.clear();
-        for (uint32_t si = 0; si < slots_.size(); ++si)
-          if (slots_[si].req) {
-            --inflight_ops_;
-            finish(si, fatal_);
-          }
-      }
     }
     std::lock_guard<std::mutex> lk(mu_);
     exited_ = true;
@@ -388,7 +410,7 @@ class UringWorker {
 
   // Owned by the worker thread.
   bool stopping_ = false;
-  int fatal_ = 0;
+  int ring_error_ = 0;  // last io_uring_enter failure; 0 once entering works again
   std::deque<Item> pending_;
   std::vector<Slot> slots_;
   std::vector<uint32_t> free_;
@@ -404,6 +426,13 @@ class UringWorker {
 std::unique_ptr<UringBackend> UringBackend::create(const UringOptions& opts, std::string* why) {
   if (opts.num_workers < 1 || opts.queue_depth < 1)
     throw UsageError("io_uring backend: num_workers and queue_depth must be >= 1");
+  // The worker loop needs IORING_FEAT_EXT_ARG (wait with a timeout without an internal
+  // TIMEOUT request) and the READ/WRITE/ASYNC_CANCEL opcodes; older kernels use the pool.
+  UringProbe probe = probe_uring();
+  if (!probe.usable) {
+    if (why) *why = probe.reason;
+    return nullptr;
+  }
   std::unique_ptr<UringBackend> b(new UringBackend());
   b->opts_ = opts;
   bool all_bufs = true, all_files = true;
@@ -555,13 +584,19 @@ UringProbe probe_uring() {
   p.reason = "ok";
   io_uring_probe* pr = io_uring_get_probe_ring(&ring);
   if (pr) {
-    std::string ops;
+    std::string ops, missing;
     struct { int op; const char* name; } want[] = {{IORING_OP_READ, "READ"}, {IORING_OP_WRITE, "WRITE"},
         {IORING_OP_READ_FIXED, "READ_FIXED"}, {IORING_OP_WRITE_FIXED, "WRITE_FIXED"},
         {IORING_OP_ASYNC_CANCEL, "ASYNC_CANCEL"}};
     for (auto& w : want) {
       if (!ops.empty()) ops += " ";
-      ops += std::string(w.name) + (io_uring_opcode_supported(pr, w.op) ? "" : "(missing)");
+      bool have = io_uring_opcode_supported(pr, w.op);
+      ops += std::string(w.name) + (have ? "" : "(missing)");
+      if (!have) missing += std::string(missing.empty() ? "" : " ") + w.name;
+    }
+    if (!missing.empty()) {
+      p.usable = false;
+      p.reason = "kernel lacks io_uring opcodes: " + missing;
     }
     p.facts["opcodes"] = ops;
     io_uring_free_probe(pr);

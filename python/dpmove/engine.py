@@ -27,15 +27,16 @@ def as_entries(batch: Any) -> np.ndarray:
     """Returns `batch` as a C-contiguous int64 array of shape (N, 3).
 
     Accepts any integer array-like of shape (N, 3), or (3,) for a single entry. An empty
-    batch gives shape (0, 3). Raises TypeError for non-integer data, ValueError for a wrong
-    shape or unsigned values that do not fit in int64.
+    batch ([] or shape (0, 3)) gives shape (0, 3). Raises TypeError for non-integer data,
+    ValueError for a wrong shape or integers that do not fit in int64.
     """
     a = np.asarray(batch)
     if a.dtype == np.int64 and a.ndim == 2 and a.shape[1] == 3 and a.flags.c_contiguous:
         return a
-    if a.size == 0:
+    if a.size == 0 and (a.ndim == 1 or (a.ndim == 2 and a.shape[1] == 3)):
         return np.empty((0, 3), dtype=np.int64)
     if a.dtype.kind not in "iu":
+        _check_python_ints(batch, a)
         raise TypeError(f"entries must be integers (file_offset, region_offset, length in bytes); got dtype {a.dtype}")
     if a.ndim == 1 and a.shape[0] == 3:
         a = a.reshape(1, 3)
@@ -46,12 +47,28 @@ def as_entries(batch: Any) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
+def _check_python_ints(obj: Any, a: np.ndarray) -> None:
+    """Raises ValueError when `obj` (not already an array) holds only integers that numpy turned
+    into a float64 or object array because some lie outside int64 (e.g. [2**63, 0, 1])."""
+    if isinstance(obj, np.ndarray) or a.dtype.kind not in "fO":
+        return
+    vals = np.asarray(obj, dtype=object).reshape(-1)
+    if vals.size and all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in vals):
+        raise ValueError("entries hold integers outside [-2**63, 2**63-1]; offsets and lengths must fit in int64")
+
+
 def entries(file_offsets: Any, region_offsets: Any, lengths: Any) -> np.ndarray:
     """Builds an (N, 3) int64 batch from three columns; scalars broadcast."""
-    cols = np.broadcast_arrays(np.asarray(file_offsets), np.asarray(region_offsets), np.asarray(lengths))
-    for c in cols:
+    raw = (file_offsets, region_offsets, lengths)
+    cols = np.broadcast_arrays(*(np.asarray(c) for c in raw))
+    for obj, c in zip(raw, cols):
+        if c.size == 0:  # empty columns ([] is float64 in numpy) make an empty batch
+            continue
         if c.dtype.kind not in "iu":
+            _check_python_ints(obj, c)
             raise TypeError(f"entries must be integers; got dtype {c.dtype}")
+        if c.dtype.kind == "u" and c.size and int(c.max()) > _INT64_MAX:
+            raise ValueError("entries hold values above 2**63-1 bytes; offsets and lengths must fit in int64")
     out = np.empty((cols[0].size, 3), dtype=np.int64)
     for j, c in enumerate(cols):
         out[:, j] = c.reshape(-1)

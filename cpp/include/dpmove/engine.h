@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <vector>
 
@@ -32,6 +33,7 @@ struct EngineOptions {
 };
 
 class SlotRegistry;
+struct Kicker;
 
 class Engine : public std::enable_shared_from_this<Engine> {
  public:
@@ -76,7 +78,10 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::shared_ptr<SlotRegistry> registry_;
   std::atomic<uint64_t> next_id_{1};
   std::atomic<bool> closed_{false};
-  mutable std::mutex close_mu_;
+  // Shared by submit/stats/describe, exclusive in close(): the backend is never used while
+  // close() tears it down. submit only try-locks (see Engine::submit).
+  mutable std::shared_mutex life_mu_;
+  std::shared_ptr<Kicker> kicker_;
   BackendStats final_stats_;
 };
 

@@ -72,6 +72,9 @@ class File {
 
   void register_with(const std::shared_ptr<FileRegistry>& registry);
   int fixed_slot() const noexcept { return fixed_slot_.load(std::memory_order_acquire); }
+  // True when the fixed slot belongs to a registry other than `registry` (another engine's,
+  // or one that is gone): on `registry`'s rings that slot number names some other file.
+  bool registered_elsewhere(const FileRegistry* registry) const noexcept;
 
   void close();
   bool closed() const noexcept { return closed_.load(std::memory_order_acquire); }

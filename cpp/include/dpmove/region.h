@@ -65,6 +65,9 @@ class Memory {
   // Slot whose chunk contains [off, off + len) or -1 (unregistered, or the range crosses a
   // chunk boundary). `off` is from the Memory base.
   int find_slot(size_t off, size_t len) const noexcept;
+  // True when registered with a registry other than `registry` (another engine's, or one
+  // that is gone): on `registry`'s rings these slot numbers name other buffers.
+  bool registered_elsewhere(const BufferRegistry* registry) const;
 
   uint8_t* base() const noexcept { return base_; }
   size_t size() const noexcept { return size_; }
@@ -73,8 +76,8 @@ class Memory {
   bool registered() const;
   std::string registration_error() const;
 
-  // Marks the memory closed for new requests (done when its root view closes) and
-  // unregisters it. Storage stays until the last holder is gone.
+  // Marks the memory closed for new requests (done when its root view closes). The
+  // registration and the storage stay until the last holder is gone.
   void close();
   bool closed() const noexcept { return closed_.load(std::memory_order_acquire); }
 
@@ -106,8 +109,8 @@ class Region {
   const std::shared_ptr<Memory>& memory() const noexcept { return mem_; }
 
   // Closing a view makes it unusable for new requests. Closing the root view (the one the
-  // engine returned) also unregisters the memory; storage is freed when the last request or
-  // slice that holds it is gone.
+  // engine returned) closes every view of the memory; registration and storage are released
+  // when the last request or slice that holds it is gone.
   void close();
   bool closed() const noexcept;
   void check_open() const;  // throws ClosedError

@@ -11,7 +11,8 @@
 // kFailed) or the deadline passed (kTimedOut) or cancel() was called (kCancelled); the first
 // of these wins and the state never changes again. kTimedOut and kCancelled can be reached
 // while entries are still kEntryRunning: quiesced() tells when none is, i.e. when no I/O of
-// this request can touch its buffers any more. kDone and kFailed are always quiesced.
+// this request can touch its buffers any more and every entry has its final status (the
+// never-started ones swept to -ECANCELED / -ETIMEDOUT). kDone and kFailed are always quiesced.
 //
 // Thread safety: every method may be called from any thread.
 #pragma once
@@ -84,9 +85,17 @@ class Request {
   bool wait(int64_t timeout_ns) noexcept;
   // Blocks until terminal and no entry is running (true) or timeout (false).
   bool wait_quiesced(int64_t timeout_ns) noexcept;
-  bool quiesced() const noexcept { return terminal() && running_.load(std::memory_order_acquire) == 0; }
+  // Once true, stays true. unfinished_ counts entries neither finished nor swept, so it is 0
+  // exactly when no entry runs and none can start (start() needs a kEntryPending status).
+  // running_ is not consulted: a start() that backs off raises it for a moment, even after
+  // the request quiesced.
+  bool quiesced() const noexcept {
+    return state_.load(std::memory_order_seq_cst) != static_cast<int>(ReqState::kPending) &&
+           unfinished_.load(std::memory_order_seq_cst) == 0;
+  }
 
-  int64_t running() const noexcept { return running_.load(std::memory_order_acquire); }
+  // Entries handed to the kernel or a thread and not finished; 0 once quiesced.
+  int64_t running() const noexcept { return quiesced() ? 0 : running_.load(std::memory_order_acquire); }
   int64_t unfinished() const noexcept { return unfinished_.load(std::memory_order_acquire); }
   int64_t failed() const noexcept { return failed_.load(std::memory_order_acquire); }
   int64_t bytes_done() const noexcept { return bytes_done_.load(std::memory_order_acquire); }
@@ -101,7 +110,7 @@ class Request {
   std::pair<int64_t, int32_t> first_failure() const noexcept;
 
  private:
-  bool set_terminal(ReqState s) noexcept;  // CAS from kPending; notifies
+  bool set_terminal(ReqState s) noexcept;  // CAS from kPending; the caller notifies
   void sweep(int32_t status) noexcept;     // kEntryPending -> status for all entries
   void notify() noexcept;
 

@@ -17,6 +17,7 @@ namespace dpmove {
 class ThreadPoolBackend final : public Backend {
  public:
   explicit ThreadPoolBackend(int num_threads);
+  // Runs only after a clean shutdown (no thread left running).
   ~ThreadPoolBackend() override;
   const char* name() const noexcept override { return "threadpool"; }
   void submit(std::shared_ptr<Request> req) override;
@@ -35,6 +36,9 @@ class ThreadPoolBackend final : public Backend {
 
   std::mutex mu_;
   std::condition_variable cv_;
+  std::condition_variable exit_cv_;
+  int live_threads_;   // threads not yet returned from run(); guarded by mu_
+  int64_t stuck_ = 0;  // threads still running when shutdown gave up
   std::deque<Item> queue_;
   bool stop_ = false;
   std::vector<std::thread> threads_;
