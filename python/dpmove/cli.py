@@ -52,6 +52,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except (ValueError, OSError) as exc:  # bad arguments, or the OS refused: say why, no traceback
+        print(f"dpmove {args.cmd}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
