@@ -10,6 +10,9 @@ from __future__ import annotations
 import gc
 import os
 import resource
+import threading
+import time
+from typing import List
 from pathlib import Path
 
 import numpy as np
@@ -468,3 +471,37 @@ def test_hugepages(engine, tmp_path: Path, rng) -> None:
     src[:] = rand_bytes(rng, src.size)
     assert_done(engine.write(f, region, [(0, 0, src.size)]), [src.size])
     np.testing.assert_array_equal(read_file(path), src)
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_small_submits_never_strand(make_engine, tmp_path: Path, rng) -> None:
+    """Many threads submitting single-entry requests back to back while the workers go idle and
+    wake again: every request must end DONE with the right bytes (a submission the worker
+    missed would end TIMED_OUT at its 20 s deadline instead)."""
+
+    eng = make_engine(track=False, num_workers=2, queue_depth=4, default_timeout_s=20.0)
+    data = rand_bytes(rng, 1 << 20)
+    path = tmp_path / "small.bin"
+    write_file(path, data)
+    f = eng.open(path, "r", direct=False)
+    nthreads, per = 4, 400
+    failures: List[str] = []
+
+    def worker(t: int) -> None:
+        local = np.random.default_rng(t)
+        out = np.zeros(4096, dtype=np.uint8)
+        for k in range(per):
+            off = int(local.integers(0, (1 << 20) - 4096))
+            req = eng.read(f, out, [(off, 0, 4096)])
+            if k % 7 == 0:
+                time.sleep(0.0005)  # let the worker fall asleep now and then
+            if req.wait(30) != dpmove.RequestState.DONE or not (out == data[off : off + 4096]).all():
+                failures.append(f"thread {t} request {k}: {req.state} status {req.status}")
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(nthreads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not failures, failures[:5]
+    assert eng.stats()["entries_started"] == nthreads * per

@@ -97,7 +97,11 @@ class UringWorker {
       req->cancel();  // stopping: nothing will run it
       return;
     }
-    wake();
+    // Only a worker about to block needs the eventfd; an awake one drains incoming_ at the top
+    // of its loop. The mutex orders this push before the exchange, and the worker publishes
+    // sleeping_ before it checks incoming_ under the same mutex, so one of the two sees the
+    // other: the item is never stranded.
+    if (sleeping_.exchange(false, std::memory_order_seq_cst)) wake();
   }
 
   void kick() {
@@ -134,7 +138,6 @@ class UringWorker {
 
   io_uring* ring() { return &ring_; }
 
-  BackendStats stats;  // updated by the worker thread only; read racily for reporting
   std::atomic<uint64_t> a_started{0}, a_ops{0}, a_resubmits{0}, a_cancels{0}, a_fixbuf{0}, a_fixfile{0}, a_stale{0};
 
  private:
@@ -301,7 +304,9 @@ class UringWorker {
     std::vector<Item> got;
     {
       std::lock_guard<std::mutex> lk(mu_);
+      if (incoming_.empty() && stopping_ == stop_) return;
       got.swap(incoming_);
+      if (stop_ && !stopping_) woken_ = true;  // first sight of stop: scan() cancels everything
       stopping_ = stop_;
     }
     for (auto& it : got) {
@@ -335,9 +340,9 @@ class UringWorker {
   void run() {
     arm_wake();
     for (;;) {
+      drain_incoming();
       if (woken_) {
         woken_ = false;
-        drain_incoming();
         if (stopping_ || scan_.exchange(false, std::memory_order_acq_rel)) scan(now_ns());
       }
       // Due deadlines before fill(), so an already expired request never starts an entry.
@@ -361,7 +366,20 @@ class UringWorker {
         tsp = &ts;
       }
       io_uring_cqe* cqe = nullptr;
-      int rc = io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, tsp, nullptr);
+      sleeping_.store(true, std::memory_order_seq_cst);
+      bool more;
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        more = !incoming_.empty() || stop_;
+      }
+      int rc;
+      if (more) {  // work arrived meanwhile: submit what is prepared, do not block
+        sleeping_.store(false, std::memory_order_relaxed);
+        rc = io_uring_submit(&ring_);
+      } else {
+        rc = io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, tsp, nullptr);
+        sleeping_.store(false, std::memory_order_relaxed);
+      }
       if (rc < 0 && rc != -ETIME && rc != -EINTR && rc != -EBUSY && rc != -EAGAIN) {
         // The ring refused to enter (e.g. -ENOMEM): start nothing new and end the requests so
         // waiters return, but keep every running slot - the kernel may still complete into
@@ -407,6 +425,7 @@ class UringWorker {
   bool stop_ = false;
   bool exited_ = false;
   std::atomic<bool> scan_{false};
+  std::atomic<bool> sleeping_{false};  // the worker may be blocked in io_uring_enter
 
   // Owned by the worker thread.
   bool stopping_ = false;
