@@ -232,7 +232,7 @@ def main(args: argparse.Namespace) -> int:
             print(f"# KV mode: {spec.name} Full Block = {spec.full_block_bytes} B "
                   f"({spec.num_layers} layers x {spec.block_tokens} tokens x {spec.bytes_per_token_per_layer} B), "
                   f"read as {bss[0]} B (padded to 4 KiB for O_DIRECT)")
-        cols = [("case", 24, ""), ("GB/s", 7, ".3f"), ("IOPS", 9, ".0f"), ("p50 us", 9, ".1f"), ("p99 us", 9, ".1f")]
+        cols = [("case", 30, ""), ("GB/s", 7, ".3f"), ("IOPS", 9, ".0f"), ("p50 us", 9, ".1f"), ("p99 us", 9, ".1f")]
         if args.fio:
             cols += [("fio GB/s", 9, ".3f"), ("fio p50", 9, ".1f"), ("fio p99", 9, ".1f"), ("dpmove/fio", 10, ".3f")]
         table = Table(cols)
