@@ -175,7 +175,7 @@ def submit_cost(path: str, backend: Optional[str], reps: int = 50) -> List[Dict[
             batch = entries(rng.integers(0, nblocks, n) * bs, np.arange(n) * bs, bs)
             eng.read(f, buf, batch).result()  # warm: page cache, registration
             costs = []
-            for _ in range(reps if n <= 4096 else max(5, reps // 10)):
+            for _ in range(reps * 10 if n <= 16 else reps if n <= 4096 else max(5, reps // 10)):
                 t0 = time.perf_counter_ns()
                 r = eng.read(f, buf, batch)
                 t1 = time.perf_counter_ns()
