@@ -67,12 +67,15 @@ std::shared_ptr<File> File::open(const std::string& path, const OpenOptions& o) 
       if (o.direct == DirectMode::kOn)
         throw_sys(EINVAL, "open(O_DIRECT) '" + path + "': statx reports no direct I/O support", path);
       int cur = fcntl(fd, F_GETFL);
-      fcntl(fd, F_SETFL, cur & ~O_DIRECT);
+      if (cur < 0 || fcntl(fd, F_SETFL, cur & ~O_DIRECT) != 0)
+        throw_sys(errno, "open '" + path + "': clearing O_DIRECT after statx refused direct I/O", path);
       f->direct_ = false;
       f->direct_reason_ = "statx reports no direct I/O support; buffered I/O";
     } else if (a.reported) {
       f->mem_align_ = a.mem_align;
-      f->offset_align_ = a.offset_align;
+      // Never 0 (a divisor in the alignment checks); a filesystem that reports a memory
+      // alignment but no offset alignment gets the memory one for both.
+      f->offset_align_ = a.offset_align ? a.offset_align : a.mem_align;
       f->direct_reason_ = "O_DIRECT; alignment from statx(STATX_DIOALIGN)";
     } else {
       f->mem_align_ = 4096;

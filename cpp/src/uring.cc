@@ -544,7 +544,10 @@ int64_t UringBackend::shutdown(int64_t timeout_ns) {
   shut_ = true;
   for (auto& w : workers_) w->stop();
   int64_t stuck = 0;
-  for (auto& w : workers_) stuck += w->join(timeout_ns);
+  // One deadline for all workers, not timeout_ns each.
+  const int64_t start = now_ns();
+  const int64_t until = timeout_ns > INT64_MAX - start ? INT64_MAX : start + timeout_ns;
+  for (auto& w : workers_) stuck += w->join(std::max<int64_t>(0, until == INT64_MAX ? INT64_MAX : until - now_ns()));
   if (stuck) {
     // Leak the workers: their rings and slots keep every buffer the kernel may still write.
     for (auto& w : workers_) w.release();
