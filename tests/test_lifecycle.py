@@ -504,3 +504,26 @@ def test_waiting_releases_the_gil(make_engine, direct_dir: Path, rng) -> None:
         t.join()
     req.cancel()
     assert req.wait_quiesced(30)
+
+
+def test_request_context_manager_cancels_and_quiesces(make_engine, direct_dir, rng) -> None:
+    """Leaving `with req:` early cancels the request and returns only once nothing runs; a
+    request that already ended is left as it was."""
+    eng = make_engine(queue_depth=1)
+    path = direct_dir / "ctx.bin"
+    f = eng.open(path, "w+", direct=True)
+    n, bs = 20000, 4096
+    f.truncate(n * bs)
+    buf = eng.alloc(bs * 8)
+    batch = dpmove.entries(np.arange(n) * bs, (np.arange(n) % 8) * bs, bs)
+    with eng.read(f, buf, batch, timeout_s=None) as req:
+        pass
+    assert req.state in (dpmove.RequestState.CANCELLED, dpmove.RequestState.DONE)
+    assert req.quiesced and req.in_flight == 0
+    if req.state == dpmove.RequestState.CANCELLED:
+        assert (req.status == -errno.ECANCELED).any()
+        with pytest.raises(dpmove.Cancelled):
+            req.check()
+    with eng.read(f, buf, batch[:4]) as done:
+        done.wait()
+    assert done.state == dpmove.RequestState.DONE

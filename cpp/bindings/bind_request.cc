@@ -127,6 +127,15 @@ Per entry: ``status`` (int32: 0 done, ENTRY_SHORT end of file, -errno failed, -E
       }, "per-entry time from first submission to completion in ns, -1 where not measured (submit with timing=True)")
       .def_property_readonly("deadline_ns", &Request::deadline_ns, "CLOCK_MONOTONIC deadline (2**63-1: none)")
       .def("check", &check, "Raise the outcome's exception unless the state is DONE")
+      .def("__enter__", [](py::object self) { return self; })
+      .def("__exit__",
+           [](Request& r, py::args) {
+             r.cancel();  // no-op when already terminal
+             py::gil_scoped_release nogil;  // blocks until the kernel lets go of the buffers
+             r.wait_quiesced(INT64_MAX);
+           },
+           "Leaving a ``with`` block cancels the request if it has not ended and waits until no "
+           "entry is running, so the buffers are safe to reuse after the block.")
       .def("result",
            [](Request& r, py::object timeout_s) {
              int64_t t = seconds_to_ns(timeout_s, INT64_MAX, "timeout_s");
