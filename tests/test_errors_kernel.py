@@ -21,6 +21,7 @@ import json
 import mmap
 import os
 import platform
+import shutil
 import struct
 import subprocess
 import sys
@@ -387,3 +388,42 @@ def test_seccomp_refusing_io_uring_falls_back(tmp_path: Path, rng, errname: str)
     cli = json.loads(rest)
     assert cli["active"]["backend"] == "threadpool" and errname in cli["active"]["reason"]
     assert cli["backends"]["io_uring"]["usable"] == "no"
+
+
+MEMLOCK_CHECK = textwrap.dedent(
+    """
+    import json, resource, sys
+    import numpy as np
+    import dpmove
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (1 << 20, 1 << 20))
+    eng = dpmove.Engine("io_uring")
+    big = eng.alloc(16 << 20)
+    small = eng.alloc(64 << 10)
+    data = np.random.default_rng(3).integers(0, 256, 1 << 20, dtype=np.uint8)
+    f = eng.open(sys.argv[1], "w+", direct=False)
+    big.numpy()[: data.size] = data
+    eng.write(f, big, [(0, 0, data.size)]).result()
+    eng.read(f, small, [(4096, 0, 65536)]).result()
+    ok = bool((small.numpy() == data[4096 : 4096 + 65536]).all())
+    print(json.dumps({"big": [big.registered, big.registration_error], "small": [small.registered, small.registration_error],
+                      "ok": ok, "stats": eng.stats()}))
+    eng.close()
+    """
+)
+
+
+@pytest.mark.root
+def test_memlock_limit_makes_registration_fail_per_region(tmp_path: Path) -> None:
+    """Without CAP_IPC_LOCK, fixed buffers count against RLIMIT_MEMLOCK: a region over the limit
+    stays unregistered with the reason, works anyway, and smaller regions still register."""
+    if shutil.which("setpriv") is None:
+        pytest.fail("setpriv (util-linux) is needed to drop CAP_IPC_LOCK")
+    out = subprocess.run(["setpriv", "--bounding-set=-ipc_lock", sys.executable, "-c", MEMLOCK_CHECK, str(tmp_path / "m.bin")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["big"][0] is False and "ENOMEM" in got["big"][1]
+    assert got["small"] == [True, ""]
+    assert got["ok"]
+    assert got["stats"]["fixed_buffer_ops"] == 1  # the read into `small`; the write from `big` was unregistered
+    assert got["stats"]["ops_submitted"] == 2
