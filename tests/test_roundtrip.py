@@ -106,11 +106,10 @@ def test_roundtrip(make_engine, backend, tmp_path: Path, rng, size: int, direct:
         assert region.registration_error == ""
 
 
-def test_batch_larger_than_ring(make_engine, direct_dir: Path, rng) -> None:
-    """5000 entries with queue_depth 8: split over the ring, never rejected."""
-    eng = make_engine(queue_depth=8)
-    n, size = 5000, 4096
-    path = direct_dir / "big.bin"
+def direct_round_trip(eng, path: Path, n: int, size: int, rng) -> dpmove.Request:
+    """Writes n random `size`-byte entries at permuted offsets over random file contents with
+    O_DIRECT, checks the file against a NumPy model, reads them back into a poisoned region and
+    checks that too. Returns the write request."""
     f = eng.open(path, "w+", direct=True)
     ent, fsize, rsize = layout(rng, n, size, f.alignment, True)
     region = eng.alloc(rsize)
@@ -118,14 +117,22 @@ def test_batch_larger_than_ring(make_engine, direct_dir: Path, rng) -> None:
     src[:] = rand_bytes(rng, rsize)
     background = rand_bytes(rng, fsize)
     write_file(path, background)
-    assert_done(eng.write(f, region, ent), ent[:, 2])
+    wreq = eng.write(f, region, ent, timing=True)
+    assert_done(wreq, ent[:, 2])
     on_disk = read_file(path)
     np.testing.assert_array_equal(on_disk, apply(background, src, ent, "file"))
     poison = rand_bytes(rng, rsize)
     src[:] = poison
     assert_done(eng.read(f, region, ent), ent[:, 2])
     np.testing.assert_array_equal(src, apply(poison, on_disk, ent, "region"))
-    assert eng.stats()["entries_started"] == 2 * n
+    return wreq
+
+
+def test_batch_larger_than_ring(make_engine, direct_dir: Path, rng) -> None:
+    """5000 entries with queue_depth 8: split over the ring, never rejected."""
+    eng = make_engine(queue_depth=8)
+    direct_round_trip(eng, direct_dir / "big.bin", 5000, 4096, rng)
+    assert eng.stats()["entries_started"] == 2 * 5000
 
 
 @pytest.mark.parametrize("workers", [2, 3])
@@ -133,24 +140,8 @@ def test_split_across_workers(make_engine, direct_dir: Path, rng, workers: int) 
     """Batches big enough to be split over several workers (rings / thread groups)."""
     eng = make_engine(num_workers=workers, queue_depth=16)
     assert eng.num_workers == workers
-    n, size = 3001, 8192
-    path = direct_dir / "split.bin"
-    f = eng.open(path, "w+", direct=True)
-    ent, fsize, rsize = layout(rng, n, size, f.alignment, True)
-    region = eng.alloc(rsize)
-    src = region.numpy()
-    src[:] = rand_bytes(rng, rsize)
-    background = rand_bytes(rng, fsize)
-    write_file(path, background)
-    req = eng.write(f, region, ent, timing=True)
-    assert_done(req, ent[:, 2])
-    assert (req.latency_ns > 0).all()
-    on_disk = read_file(path)
-    np.testing.assert_array_equal(on_disk, apply(background, src, ent, "file"))
-    poison = rand_bytes(rng, rsize)
-    src[:] = poison
-    assert_done(eng.read(f, region, ent), ent[:, 2])
-    np.testing.assert_array_equal(src, apply(poison, on_disk, ent, "region"))
+    wreq = direct_round_trip(eng, direct_dir / "split.bin", 3001, 8192, rng)
+    assert (wreq.latency_ns > 0).all()
 
 
 def test_random_layouts(engine, tmp_path: Path, rng) -> None:
