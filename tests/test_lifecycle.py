@@ -104,7 +104,8 @@ def test_deadline_expires(make_engine, direct_dir: Path, rng) -> None:
     buf[:] = rand_bytes(rng, buf.size)
     t0 = time.monotonic()
     req = eng.read(big.f, big.region, big.ent, timeout_s=0.005, timing=True)
-    assert req.status[-1] == dpmove.ENTRY_PENDING
+    # Still queued, or already swept if this slow host passed the 5 ms deadline meanwhile.
+    assert req.status[-1] in (dpmove.ENTRY_PENDING, ETIMEDOUT)
     assert req.op == "read" and len(req) == req.num_entries == big.n
     assert req.file.path == str(big.path) and req.region.nbytes == SLOTS * PAGE
     assert req.wait(60) == S.TIMED_OUT
