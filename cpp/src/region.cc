@@ -78,7 +78,8 @@ void Memory::close() {
 }
 
 int Memory::find_slot(size_t off, size_t len) const noexcept {
-  std::lock_guard<std::mutex> lk(mu_);
+  // No lock on this per-operation path: chunks_ is written only by register_with() before the
+  // Memory is handed out and by ~Memory, so every reader sees it settled.
   if (chunks_.empty()) return -1;
   size_t idx = off / kMaxRegChunk;  // chunks are kMaxRegChunk apart, starting at 0
   if (idx >= chunks_.size()) return -1;

@@ -59,8 +59,9 @@ class Memory {
 
   // Registers the whole range with `registry`, chunk by chunk. Returns 0 or -errno; on
   // failure nothing stays registered and registration_error() holds the reason.
+  // Call only before the Memory is shared (Engine::allocate / wrap do): find_slot() reads the
+  // chunk table without a lock.
   int register_with(const std::shared_ptr<BufferRegistry>& registry);
-  void unregister();
 
   // Slot whose chunk contains [off, off + len) or -1 (unregistered, or the range crosses a
   // chunk boundary). `off` is from the Memory base.
@@ -82,6 +83,7 @@ class Memory {
   bool closed() const noexcept { return closed_.load(std::memory_order_acquire); }
 
  private:
+  void unregister();  // from ~Memory only, when no request can use the slots any more
   uint8_t* base_;
   size_t size_;
   bool writable_;
