@@ -11,13 +11,13 @@ namespace dpmove {
 namespace {
 
 std::string describe_req(const Request& r) {
-  return "request " + std::to_string(r.id()) + " (" + op_name(r.op()) + " '" + r.file()->path() + "', " +
+  return "request " + std::to_string(r.id()) + " (" + op_name(r.op()) + " '" + r.target() + "', " +
          std::to_string(r.size()) + " entries)";
 }
 
 std::string entry_failure(const Request& r, int64_t i, int32_t st, int* code) {
   const IoEntry& e = r.entry(static_cast<size_t>(i));
-  std::string where = "entry " + std::to_string(i) + " (file_offset=" + std::to_string(e.file_offset) +
+  std::string where = "entry " + std::to_string(i) + (r.op() == OpKind::kPut ? " (remote_offset=" : " (file_offset=") + std::to_string(e.file_offset) +
                       ", region_offset=" + std::to_string(e.region_offset) + ", length=" + std::to_string(e.length) + ")";
   std::vector<int64_t> bytes(r.size());
   r.copy_bytes(bytes.data());
@@ -41,13 +41,13 @@ void check(const Request& r) {
     msg += running ? ", " + std::to_string(running) + " still running (wait_quiesced() before reusing the buffers)"
                    : ", none running";
     raise_py(s == ReqState::kTimedOut ? "timed_out" : "cancelled", s == ReqState::kTimedOut ? ETIMEDOUT : ECANCELED, msg,
-             r.file()->path());
+             r.target());
   }
   auto [i, st] = r.first_failure();
   int code = EIO;
   std::string msg = describe_req(r) + ": " + std::to_string(r.failed()) + " of " + std::to_string(r.size()) +
                     " entries failed; first: " + (i >= 0 ? entry_failure(r, i, st, &code) : "?");
-  raise_py("transfer", code, msg, r.file()->path());
+  raise_py("transfer", code, msg, r.target());
 }
 
 }  // namespace

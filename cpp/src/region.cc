@@ -1,6 +1,8 @@
 #include "dpmove/region.h"
 
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
 
@@ -19,23 +21,45 @@ Memory::~Memory() {
 std::shared_ptr<Memory> Memory::allocate(size_t size, bool hugepages) {
   if (size == 0) throw UsageError("alloc: size must be > 0 bytes");
   constexpr size_t kHuge = size_t{2} << 20;
-  size_t map_size = size;
-  int flags = MAP_PRIVATE | MAP_ANONYMOUS;
+  size_t map_size = (size + 4095) / 4096 * 4096;
+  unsigned mfd_flags = MFD_CLOEXEC;
   if (hugepages) {
     map_size = (size + kHuge - 1) / kHuge * kHuge;
-    flags |= MAP_HUGETLB;
+    mfd_flags |= MFD_HUGETLB;
   }
-  void* p = mmap(nullptr, map_size, PROT_READ | PROT_WRITE, flags, -1, 0);
+  int fd = memfd_create(hugepages ? "dpmove-hugetlb" : "dpmove", mfd_flags);
+  if (fd < 0) {
+    int err = errno;
+    if (hugepages)
+      throw_sys(err, "alloc: memfd_create(MFD_HUGETLB) failed; reserve 2 MiB pages in /proc/sys/vm/nr_hugepages or pass hugepages=False");
+    throw_sys(err, "alloc: memfd_create");
+  }
+  // The memfd is reachable only through this fd (and /proc/<pid>/fd for processes allowed to
+  // ptrace us); 0600 keeps it private to the user even where an fd leaks.
+  (void)fchmod(fd, 0600);
+  if (ftruncate(fd, static_cast<off_t>(map_size)) != 0) {
+    int err = errno;
+    ::close(fd);
+    throw_sys(err, "alloc: ftruncate(memfd, " + std::to_string(map_size) + " bytes)");
+  }
+  void* p = mmap(nullptr, map_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (p == MAP_FAILED) {
     int err = errno;
+    ::close(fd);
     if (hugepages)
       throw_sys(err, "alloc: mmap(MAP_HUGETLB, " + std::to_string(map_size) +
                          " bytes) failed; reserve 2 MiB pages in /proc/sys/vm/nr_hugepages or pass hugepages=False");
     throw_sys(err, "alloc: mmap(" + std::to_string(map_size) + " bytes)");
   }
-  auto release = [p, map_size] { munmap(p, map_size); };
-  return std::make_shared<Memory>(static_cast<uint8_t*>(p), size, true, std::move(release),
-                                  hugepages ? "hugetlb" : "anonymous");
+  auto release = [p, map_size, fd] {
+    munmap(p, map_size);
+    ::close(fd);
+  };
+  auto m = std::make_shared<Memory>(static_cast<uint8_t*>(p), size, true, std::move(release),
+                                    hugepages ? "hugetlb" : "anonymous");
+  m->memfd_ = fd;
+  m->memfd_size_ = map_size;
+  return m;
 }
 
 int Memory::register_with(const std::shared_ptr<BufferRegistry>& registry) {

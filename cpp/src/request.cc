@@ -22,7 +22,14 @@ const char* state_name(ReqState s) noexcept {
   return "?";
 }
 
-const char* op_name(OpKind op) noexcept { return op == OpKind::kRead ? "read" : "write"; }
+const char* op_name(OpKind op) noexcept {
+  switch (op) {
+    case OpKind::kRead: return "read";
+    case OpKind::kWrite: return "write";
+    case OpKind::kPut: return "put";
+  }
+  return "?";
+}
 
 int64_t now_ns() noexcept {
   timespec ts;
@@ -31,8 +38,9 @@ int64_t now_ns() noexcept {
 }
 
 Request::Request(uint64_t id, OpKind op, std::shared_ptr<File> file, std::shared_ptr<Region> region,
-                 std::vector<IoEntry> entries, int64_t deadline_ns, bool timing)
+                 std::vector<IoEntry> entries, int64_t deadline_ns, bool timing, std::string target)
     : id_(id), op_(op), file_(std::move(file)), region_(std::move(region)), entries_(std::move(entries)),
+      target_(!target.empty() ? std::move(target) : file_ ? file_->path() : std::string()),
       deadline_ns_(deadline_ns), timing_(timing), unfinished_(static_cast<int64_t>(entries_.size())) {
   size_t n = entries_.size();
   status_.reset(new std::atomic<int32_t>[n]);

@@ -1,8 +1,9 @@
 // Host memory that requests read into and write from.
 //
-// Memory is one contiguous range with exactly one owner of its storage: either an anonymous
-// mapping dpmove made (page-aligned, optionally hugetlb) or a Python buffer it exported (the
-// release callback gives the buffer back). Region is a view [offset, offset + length) of a
+// Memory is one contiguous range with exactly one owner of its storage: either a mapping
+// dpmove made (page-aligned, optionally hugetlb), backed by a memfd so that it can be shared
+// with a peer process on the same host, or a Python buffer it exported (the release callback
+// gives the buffer back; such memory cannot be shared through shm). Region is a view [offset, offset + length) of a
 // Memory; slices share the Memory, so a slice keeps its parent's storage alive. Requests hold a
 // shared_ptr to the Region they use, so storage outlives every I/O that may still touch it,
 // even when the Python objects are gone.
@@ -53,9 +54,15 @@ class Memory {
   Memory(const Memory&) = delete;
   Memory& operator=(const Memory&) = delete;
 
-  // Allocates `size` bytes of zeroed, page-aligned anonymous memory. hugepages: MAP_HUGETLB
-  // (size rounded up to 2 MiB). Throws SysError.
+  // Allocates `size` bytes of zeroed, page-aligned memory: a memfd (mode 0600, close-on-exec)
+  // mapped MAP_SHARED, so a peer that receives the fd maps the same pages. hugepages:
+  // MFD_HUGETLB (size rounded up to 2 MiB). Throws SysError.
   static std::shared_ptr<Memory> allocate(size_t size, bool hugepages);
+
+  // The memfd behind this memory (owned here, closed by ~Memory) and the byte offset of base()
+  // in it; -1 when the memory is not shareable (a wrapped Python buffer).
+  int memfd() const noexcept { return memfd_; }
+  size_t memfd_size() const noexcept { return memfd_size_; }
 
   // Registers the whole range with `registry`, chunk by chunk. Returns 0 or -errno; on
   // failure nothing stays registered and registration_error() holds the reason.
@@ -94,6 +101,8 @@ class Memory {
   std::weak_ptr<BufferRegistry> registry_;
   std::string reg_error_;
   std::atomic<bool> closed_{false};
+  int memfd_ = -1;
+  size_t memfd_size_ = 0;
 };
 
 class Region {

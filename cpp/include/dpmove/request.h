@@ -32,7 +32,8 @@ class File;
 class Region;
 
 enum class ReqState : int { kPending = 0, kDone = 1, kFailed = 2, kTimedOut = 3, kCancelled = 4 };
-enum class OpKind : uint8_t { kRead = 0, kWrite = 1 };
+// kPut: a one-sided write into a peer's exposed region (file() is null, target() names the peer).
+enum class OpKind : uint8_t { kRead = 0, kWrite = 1, kPut = 2 };
 
 const char* state_name(ReqState s) noexcept;
 const char* op_name(OpKind op) noexcept;
@@ -51,12 +52,15 @@ class Request {
  public:
   // deadline_ns: absolute CLOCK_MONOTONIC time, or INT64_MAX for none.
   Request(uint64_t id, OpKind op, std::shared_ptr<File> file, std::shared_ptr<Region> region,
-          std::vector<IoEntry> entries, int64_t deadline_ns, bool timing);
+          std::vector<IoEntry> entries, int64_t deadline_ns, bool timing, std::string target = {});
 
   uint64_t id() const noexcept { return id_; }
   OpKind op() const noexcept { return op_; }
   const std::shared_ptr<File>& file() const noexcept { return file_; }
   const std::shared_ptr<Region>& region() const noexcept { return region_; }
+  // What the request moves bytes to or from, for messages: the file path, or the peer and
+  // remote region of a kPut.
+  const std::string& target() const noexcept { return target_; }
   size_t size() const noexcept { return entries_.size(); }
   const IoEntry& entry(size_t i) const noexcept { return entries_[i]; }
   int64_t deadline_ns() const noexcept { return deadline_ns_; }
@@ -119,6 +123,7 @@ class Request {
   const std::shared_ptr<File> file_;
   const std::shared_ptr<Region> region_;
   const std::vector<IoEntry> entries_;
+  const std::string target_;
   const int64_t deadline_ns_;
   const bool timing_;
 
