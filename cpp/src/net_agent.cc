@@ -64,17 +64,61 @@ std::string hostname() {
   return buf;
 }
 
-// Reads and throws away n bytes (a refused write's payload) with a bounded scratch buffer.
-int drain(int fd, uint64_t n) {
-  static thread_local std::vector<uint8_t> scratch(64 * 1024);
-  while (n > 0) {
-    size_t k = static_cast<size_t>(std::min<uint64_t>(n, scratch.size()));
-    int r = recv_all(fd, scratch.data(), k, INT64_MAX);
-    if (r < 0) return r;
-    n -= k;
+// Buffered reads of one inbound stream: frames and small payloads come through a bounded
+// buffer (one recv for many small writes), payloads of kDirectBytes or more are received
+// straight into their destination. This buffer is the only staging a payload passes through.
+class Reader {
+ public:
+  static constexpr size_t kBufBytes = 256 * 1024;
+  static constexpr size_t kDirectBytes = 64 * 1024;
+  explicit Reader(int fd) : fd_(fd), buf_(kBufBytes) {}
+
+  // Fills dst with the next n bytes. 0 or -errno (-ECONNRESET at EOF).
+  int read(void* dst, uint64_t n) {
+    auto* d = static_cast<uint8_t*>(dst);
+    while (n > 0) {
+      if (pos_ < end_) {
+        size_t k = static_cast<size_t>(std::min<uint64_t>(n, end_ - pos_));
+        if (d) {
+          std::memcpy(d, buf_.data() + pos_, k);
+          d += k;
+        }
+        pos_ += k;
+        n -= k;
+        continue;
+      }
+      if (d && n >= kDirectBytes) return recv_all(fd_, d, static_cast<size_t>(n), INT64_MAX);
+      int r = fill();
+      if (r < 0) return r;
+    }
+    return 0;
   }
-  return 0;
-}
+  // Reads and throws away n bytes (a refused write's payload).
+  int skip(uint64_t n) { return read(nullptr, n); }
+
+ private:
+  int fill() {
+    pos_ = end_ = 0;
+    for (;;) {
+      ssize_t r = ::recv(fd_, buf_.data(), buf_.size(), 0);
+      if (r > 0) {
+        end_ = static_cast<size_t>(r);
+        return 0;
+      }
+      if (r == 0) return -ECONNRESET;
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN) {
+        pollfd p{fd_, POLLIN, 0};
+        ::poll(&p, 1, -1);
+        continue;
+      }
+      return -errno;
+    }
+  }
+  int fd_;
+  std::vector<uint8_t> buf_;
+  size_t pos_ = 0, end_ = 0;
+};
 
 // Why a (key, offset, length) write is refused, as -errno; 0 when allowed.
 int check_write(const Exposure& e, uint64_t off, uint64_t len) {
@@ -367,11 +411,13 @@ void Agent::serve_data(const std::shared_ptr<Conn>& self, const Frame& hello, co
   std::vector<uint8_t> trailer;
   std::string violation;
   int64_t bytes_in = 0;
+  Reader in(c.fd);
   for (;;) {
     Frame f;
-    int r = recv_frame(c.fd, &f, INT64_MAX);
-    if (r < 0) {
-      if (r == -EPROTO) violation = "bad frame magic";
+    int r = in.read(&f, sizeof f);
+    if (r < 0) break;
+    if (f.magic != kFrameMagic) {
+      violation = "bad frame magic";
       break;
     }
     auto type = static_cast<FrameType>(f.type);
@@ -382,10 +428,10 @@ void Agent::serve_data(const std::shared_ptr<Conn>& self, const Frame& hello, co
       int st = check_write(e, f.offset, f.length);
       if (st == 0) {
         // Payload lands straight in the exposed region; e.region keeps it alive meanwhile.
-        r = recv_all(c.fd, e.region->data() + f.offset, static_cast<size_t>(f.length), INT64_MAX);
+        r = in.read(e.region->data() + f.offset, f.length);
         bytes_in += static_cast<int64_t>(f.length);
       } else {
-        r = drain(c.fd, f.length);
+        r = in.skip(f.length);
         failures.push_back({f.aux, st});
         count("writes_refused");
       }
@@ -400,7 +446,7 @@ void Agent::serve_data(const std::shared_ptr<Conn>& self, const Frame& hello, co
       if (extents && f.length != f.extra + uint64_t{f.aux} * sizeof(Extent)) { violation = "extent count does not match trailer"; break; }
       if (!extents && (f.length != f.extra || f.aux != count_in)) { violation = "entry count does not match the writes received"; break; }
       trailer.resize(static_cast<size_t>(f.length));
-      if (f.length && recv_all(c.fd, trailer.data(), trailer.size(), INT64_MAX) < 0) break;
+      if (f.length && in.read(trailer.data(), trailer.size()) < 0) break;
       if (extents) {
         // shm: the sender already copied; check each extent it claims, so a sender that wrote
         // outside what we exposed never gets a notification delivered.
@@ -419,6 +465,8 @@ void Agent::serve_data(const std::shared_ptr<Conn>& self, const Frame& hello, co
           }
         }
       }
+      count("bytes_received", bytes_in);
+      bytes_in = 0;
       std::vector<uint8_t> notify;
       if (f.flags & kEndNotify) notify.assign(trailer.begin(), trailer.begin() + static_cast<long>(f.extra));
       end_request(*s, self, f, std::move(failures), std::move(notify));
