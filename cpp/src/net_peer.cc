@@ -85,6 +85,11 @@ std::string Peer::broken() const {
   return transport_ ? transport_->broken() : "not connected";
 }
 
+bool Peer::prepared(const RemoteHandle& dst) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return !transport_ || transport_->prepared(dst);
+}
+
 std::map<std::string, int64_t> Peer::stats() const {
   std::lock_guard<std::mutex> lk(mu_);
   return transport_ ? transport_->stats() : std::map<std::string, int64_t>{};

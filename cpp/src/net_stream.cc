@@ -78,6 +78,11 @@ class StreamTransport final : public Transport, public std::enable_shared_from_t
   const char* name() const override { return shm_ ? "shm" : "tcp"; }
   void post(std::shared_ptr<PutOp> op) override;
   void prepare(const RemoteHandle& dst) override;
+  bool prepared(const RemoteHandle& dst) const override {
+    if (!shm_) return true;
+    std::lock_guard<std::mutex> lk(map_mu_);
+    return maps_.count(dst.key) > 0;
+  }
   void kick() override {
     if (!streams_.empty()) wake(*streams_[0]);
   }
@@ -148,7 +153,7 @@ class StreamTransport final : public Transport, public std::enable_shared_from_t
 
   // shm
   int ctl_fd_ = -1;
-  std::mutex map_mu_;
+  mutable std::mutex map_mu_;
   std::unordered_map<uint32_t, std::shared_ptr<Mapping>> maps_;
 };
 

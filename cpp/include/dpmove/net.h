@@ -85,6 +85,8 @@ class Transport {
   // Validates that `dst` can be written through this transport before any byte moves
   // (e.g. shm maps the region here). Throws SysError / UsageError.
   virtual void prepare(const RemoteHandle& dst) {}
+  // True when prepare(dst) would return at once (nothing to set up for this key).
+  virtual bool prepared(const RemoteHandle& dst) const { return true; }
   // Wakes the progress thread (a request was cancelled).
   virtual void kick() {}
   // Fails everything unfinished with -err and `why`, stops threads. Idempotent.
@@ -109,6 +111,9 @@ class Peer : public std::enable_shared_from_this<Peer> {
   void close();
   bool closed() const noexcept { return closed_.load(); }
   std::string broken() const;
+  // Whether a put to `dst` can be posted without a set-up round trip (shm maps a region the
+  // first time it is written): callers keep the GIL only then.
+  bool prepared(const RemoteHandle& dst) const;
 
   const Metadata& remote() const noexcept { return remote_; }
   const char* transport_name() const;
