@@ -550,7 +550,8 @@ void StreamTransport::run(size_t k) {
     if (s.busy) {
       int r = flush(s);
       if (r < 0) {
-        fail(-r, "sending to " + peer_ + ": " + errno_str(-r));
+        fail(-r, r == -EPIPE || r == -ECONNRESET ? peer_ + " closed the connection (the process exited or was killed): " + errno_str(-r)
+                                                  : "sending to " + peer_ + ": " + errno_str(-r));
         break;
       }
       if (r == 1) {
