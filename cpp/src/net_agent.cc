@@ -261,10 +261,11 @@ void Agent::close() {
     (void)!::write(wake_fd_, &one, sizeof one);
   }
   if (acceptor_.joinable()) acceptor_.join();
+  std::map<uint32_t, Exposure> exposed;  // destroyed outside mu_ (see unexpose)
   {
     std::lock_guard<std::mutex> lk(mu_);
     conns.swap(conns_);
-    exposed_.clear();
+    exposed.swap(exposed_);
   }
   // Unblocks every connection thread (they sit in recv); then join them.
   for (auto& c : conns) ::shutdown(c->fd, SHUT_RDWR);
@@ -604,8 +605,15 @@ RemoteHandle Agent::expose(const std::shared_ptr<Region>& r, bool writable) {
 }
 
 bool Agent::unexpose(uint32_t key) {
+  // The Exposure is destroyed after the lock is released: dropping the last reference to a
+  // wrapped Python buffer takes the GIL, which a thread waiting for mu_ may hold.
+  Exposure gone{nullptr, key, false};
   std::lock_guard<std::mutex> lk(mu_);
-  return exposed_.erase(key) > 0;
+  auto it = exposed_.find(key);
+  if (it == exposed_.end()) return false;
+  gone = std::move(it->second);
+  exposed_.erase(it);
+  return true;
 }
 
 Exposure Agent::find(uint32_t key) const {
