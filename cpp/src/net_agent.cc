@@ -138,6 +138,9 @@ void Agent::set_control_handler(uint32_t channel, ControlHandler h) {
 
 Agent::Agent(NetOptions opts, std::function<uint64_t()> request_id)
     : opts_(std::move(opts)), request_id_(std::move(request_id)) {
+  for (const char* k : {"connections", "refused_connections", "bytes_received", "writes_refused", "requests_completed",
+                        "requests_failed", "notifications_delivered", "protocol_errors", "regions_mapped"})
+    stats_[k] = 0;
   meta_.engine_id = random_id();
   meta_.boot_id = local_boot_id();
   meta_.netns = local_netns();
@@ -557,6 +560,10 @@ void Agent::serve_map(Conn& c) {
     int fd = -1;
     if (!e.region) {
       ok.aux = ENOENT;
+    } else if (!e.writable) {
+      // A mapping cannot be made read-only for writes we would refuse only afterwards: an shm
+      // writer gets no access at all to a region exposed read-only.
+      ok.aux = EACCES;
     } else if (e.region->memory()->memfd() < 0) {
       ok.aux = EOPNOTSUPP;  // wrapped Python buffer: no memfd to share
     } else {

@@ -158,6 +158,7 @@ std::shared_ptr<Request> Peer::put(const std::shared_ptr<Region>& src, const Rem
   if (has_notify) op->notify.assign(notify, notify + notify_len);
   op->has_notify = has_notify;
   op->traffic_class = traffic_class;
+  std::lock_guard<std::mutex> lk(post_mu_);
   op->seq = ++seq_;
   t->post(op);
   return req;

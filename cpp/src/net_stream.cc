@@ -69,7 +69,9 @@ struct Piece {
 
 class StreamTransport final : public Transport, public std::enable_shared_from_this<StreamTransport> {
  public:
-  StreamTransport(bool shm, std::string peer) : shm_(shm), peer_(std::move(peer)) {}
+  StreamTransport(bool shm, std::string peer) : shm_(shm), peer_(std::move(peer)) {
+    for (const char* k : {"requests_posted", "entries_posted", "requests_acked", "entries_refused"}) stats_[k] = 0;
+  }
   ~StreamTransport() override { shutdown(ECONNABORTED, "transport closed"); }
 
   // Connects every stream and the shm control connection, then starts the threads.
@@ -260,6 +262,8 @@ void StreamTransport::prepare(const RemoteHandle& dst) {
   if (ok.magic != kFrameMagic || ok.type != static_cast<uint16_t>(FrameType::kMapOk) || ok.key != dst.key)
     throw_sys(EPROTO, "shm: unexpected reply from " + peer_ + " to a map request");
   if (ok.aux == ENOENT) throw_sys(ENOENT, "shm: " + peer_ + " has no region " + std::to_string(dst.key) + " exposed (unexposed, or a stale handle)");
+  if (ok.aux == EACCES)
+    throw UnsupportedError(EACCES, "shm: region " + std::to_string(dst.key) + " of " + peer_ + " is exposed read-only");
   if (ok.aux == EOPNOTSUPP)
     throw UnsupportedError(EOPNOTSUPP, "shm: region " + std::to_string(dst.key) + " of " + peer_ +
                                            " is a registered Python buffer, which cannot be shared; expose a region from "
@@ -643,7 +647,10 @@ void StreamTransport::finish_all() {
       std::lock_guard<std::mutex> lk(mu_);
       started.swap(fl->started);
     }
-    for (uint32_t idx : started) r.finish(idx, -err, 0);
+    // A request that had already ended keeps the cause it ended with.
+    ReqState st = r.state();
+    int32_t code = st == ReqState::kCancelled ? -ECANCELED : st == ReqState::kTimedOut ? -ETIMEDOUT : -err;
+    for (uint32_t idx : started) r.finish(idx, code, 0);
     // Entries queued but never started.
     for (size_t i = 0; i < r.size(); ++i)
       if (r.start(i)) r.finish(i, -err, 0);

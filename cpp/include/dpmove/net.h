@@ -127,7 +127,8 @@ class Peer : public std::enable_shared_from_this<Peer> {
   std::string chosen_;
   mutable std::mutex mu_;
   std::shared_ptr<Transport> transport_;
-  std::atomic<uint64_t> seq_{0};
+  std::mutex post_mu_;  // sequence numbers are posted in order (receivers see them ascending)
+  uint64_t seq_ = 0;
   std::atomic<bool> closed_{false};
 };
 
