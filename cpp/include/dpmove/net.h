@@ -200,6 +200,8 @@ class Agent : public std::enable_shared_from_this<Agent> {
 
   mutable std::mutex mu_;  // exposures, conns, sessions, peers
   std::map<uint32_t, Exposure> exposed_;
+  // Bumped by every unexpose: a connection thread may reuse its last lookup while unchanged.
+  std::atomic<uint64_t> expo_gen_{0};
   uint32_t next_key_;
   std::vector<std::shared_ptr<Conn>> conns_;
   std::map<uint64_t, std::weak_ptr<Session>> sessions_;
