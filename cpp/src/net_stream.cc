@@ -108,9 +108,9 @@ class StreamTransport final : public Transport, public std::enable_shared_from_t
     std::deque<Piece> q;  // guarded by mu_
     // tx: the piece being written, its frames and the iovecs still to write.
     bool busy = false;
-    Piece cur;
+    std::vector<Piece> cur;  // pieces written together (one sendmsg for many small requests)
     std::vector<Frame> hdrs;
-    std::vector<uint8_t> trailer;
+    std::vector<std::vector<uint8_t>> trailers;
     std::vector<iovec> iov;
     size_t iov_i = 0;
     int64_t last_progress = 0;
@@ -133,6 +133,7 @@ class StreamTransport final : public Transport, public std::enable_shared_from_t
   }
   void run(size_t k);
   void build(Stream& s);
+  void build_piece(Stream& s, Piece& p);
   int flush(Stream& s);          // 1 piece fully written, 0 would block, <0 -errno
   int read_frames(Stream& s);    // 0 or -errno
   void complete(uint64_t seq, const AckFailure* f, size_t n);
@@ -350,16 +351,22 @@ void StreamTransport::post(std::shared_ptr<PutOp> op) {
 }
 
 void StreamTransport::build(Stream& s) {
-  Piece& p = s.cur;
+  size_t total = 0;
+  for (const Piece& p : s.cur) total += p.entries.size();
+  s.hdrs.clear();
+  s.hdrs.reserve(total + s.cur.size());  // iovecs point into hdrs: it must not reallocate
+  s.trailers.clear();
+  s.trailers.reserve(s.cur.size());  // nor may trailers' buffers move
+  s.iov.clear();
+  s.iov_i = 0;
+  for (Piece& p : s.cur) build_piece(s, p);
+}
+
+void StreamTransport::build_piece(Stream& s, Piece& p) {
   PutOp& op = *p.fl->op;
   Request& r = *op.req;
   const uint8_t* src = r.region()->data();
   size_t n = p.entries.size();
-  s.hdrs.clear();
-  s.hdrs.reserve(n + 1);  // iovecs point into hdrs: it must not reallocate
-  s.iov.clear();
-  s.iov_i = 0;
-  s.trailer.clear();
   std::vector<uint32_t> started;
   started.reserve(n);
   std::vector<Extent> ext;
@@ -391,24 +398,26 @@ void StreamTransport::build(Stream& s) {
   end.aux = static_cast<uint32_t>(started.size());
   end.offset = p.nstreams;
   end.key = static_cast<uint32_t>(r.size());
+  s.trailers.emplace_back();
+  std::vector<uint8_t>& trailer = s.trailers.back();
   if (p.primary) {
     end.flags |= kEndPrimary;
     if (op.has_notify) {
       end.flags |= kEndNotify;
-      s.trailer = op.notify;
+      trailer = op.notify;
       end.extra = op.notify.size();
     }
   }
   if (shm_) {
     end.flags |= kEndExtents;
-    size_t at = s.trailer.size();
-    s.trailer.resize(at + ext.size() * sizeof(Extent));
-    if (!ext.empty()) std::memcpy(s.trailer.data() + at, ext.data(), ext.size() * sizeof(Extent));
+    size_t at = trailer.size();
+    trailer.resize(at + ext.size() * sizeof(Extent));
+    if (!ext.empty()) std::memcpy(trailer.data() + at, ext.data(), ext.size() * sizeof(Extent));
   }
-  end.length = s.trailer.size();
+  end.length = trailer.size();
   s.hdrs.push_back(end);
   s.iov.push_back({&s.hdrs.back(), sizeof(Frame)});
-  if (!s.trailer.empty()) s.iov.push_back({s.trailer.data(), s.trailer.size()});
+  if (!trailer.empty()) s.iov.push_back({trailer.data(), trailer.size()});
   std::lock_guard<std::mutex> lk(mu_);
   auto& st = p.fl->started;
   st.insert(st.end(), started.begin(), started.end());
@@ -553,8 +562,15 @@ void StreamTransport::run(size_t k) {
       std::lock_guard<std::mutex> lk(mu_);
       if (stop_) break;
       if (!s.busy && !s.q.empty()) {
-        s.cur = std::move(s.q.front());
-        s.q.pop_front();
+        // Several queued pieces go out in one sendmsg; bounded so a batch stays a few MiB of
+        // headers and extents at most.
+        size_t entries = 0;
+        s.cur.clear();
+        while (!s.q.empty() && s.cur.size() < 64 && entries < 8192) {
+          entries += s.q.front().entries.size();
+          s.cur.push_back(std::move(s.q.front()));
+          s.q.pop_front();
+        }
         s.busy = true;
       }
     }
@@ -572,8 +588,9 @@ void StreamTransport::run(size_t k) {
       }
       if (r == 1) {
         std::lock_guard<std::mutex> lk(mu_);
-        --s.cur.fl->sending;
-        s.cur = Piece();
+        for (Piece& p : s.cur) --p.fl->sending;
+        s.cur.clear();
+        s.trailers.clear();
         s.busy = false;
         s.iov.clear();
         s.hdrs.clear();
@@ -591,8 +608,10 @@ void StreamTransport::run(size_t k) {
       next_deadline = reap();
       last_reap = now;
     }
-    if (s.busy && s.iov_i < s.iov.size() && s.cur.fl->op->req->poll() != ReqState::kPending &&
-        now - s.last_progress > kStallResetNs) {
+    bool ended = false;  // a request in the half-sent batch has ended (deadline, cancel)
+    if (s.busy && s.iov_i < s.iov.size() && now - s.last_progress > kStallResetNs)
+      for (Piece& p : s.cur) ended = ended || p.fl->op->req->poll() != ReqState::kPending;
+    if (ended) {
       fail(ETIMEDOUT, peer_ + " stopped reading (stalled) while a request that had ended was half sent; "
                       "the connection was reset");
       break;
