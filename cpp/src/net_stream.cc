@@ -175,7 +175,7 @@ void StreamTransport::open(Agent& local, const Metadata& remote, const ConnectOp
   uint64_t session;
   Id128 r = random_id();
   std::memcpy(&session, r.data(), sizeof session);
-  int nstreams = shm_ ? 1 : o.streams;
+  int nstreams = o.streams;  // shm: one copy thread per stream
   std::string last_err;
   auto connect_one = [&](Channel ch, uint32_t k) -> int {
     int fd = -1;

@@ -251,7 +251,8 @@ class Engine:
 
         transport: ``"auto"`` (shm for a peer on this host, in this network namespace and of
         this user; verbs where an RDMA device is usable on both sides; else tcp), or one of
-        ``"shm"``, ``"tcp"``, ``"verbs"``. streams: tcp connections (1-16). chain / signal_every:
+        ``"shm"``, ``"tcp"``, ``"verbs"``. streams (1-16): tcp connections, or shm copy
+        threads; a request of 1 MiB or more is split across them by bytes. chain / signal_every:
         verbs work requests per doorbell and per signalled completion. The metadata is
         untrusted input: malformed bytes raise ValueError.
         """

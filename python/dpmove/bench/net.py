@@ -86,7 +86,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--duration", type=float, default=1.0, help="seconds per case and run (default 1.0)")
     p.add_argument("--repeat", type=int, default=1, help="runs per case, each paired with its memcpy (shm) or Mooncake (tcp) run; medians are reported (default 1)")
     p.add_argument("--depth", type=int, default=2, help="requests (or one-by-one groups) kept in flight (default 2)")
-    p.add_argument("--streams", type=int, default=1, help="tcp connections per peer, 1-16 (default 1)")
+    p.add_argument("--streams", type=int, default=1, help="connections (tcp) or copy threads (shm) per peer, 1-16 (default 1)")
     p.add_argument("--region-size", default="1g", help="bytes of the target region and of the initiator's source (default 1g)")
     p.add_argument("--span", default="256m", help="bytes each case walks through, at least one request (default 256m)")
     p.add_argument("--timing", action="store_true",
@@ -532,7 +532,7 @@ def run_initiator(args: argparse.Namespace, plan: Plan, info: Dict[str, Any]) ->
     table = Table(cols, out=tout)
     for t in plan.transports:
         try:
-            peer = eng.connect(metadata, transport=t, streams=args.streams if t == "tcp" else 1)
+            peer = eng.connect(metadata, transport=t, streams=args.streams if t in ("tcp", "shm") else 1)
         except (OSError, ValueError, RuntimeError) as exc:
             msg = f"{type(exc).__name__}: {exc}"
             print(f"# {t}: skipped: {msg}", file=sys.stderr, flush=True)
@@ -545,7 +545,7 @@ def run_initiator(args: argparse.Namespace, plan: Plan, info: Dict[str, Any]) ->
         for bs, batch in cells:
             modes = [False] + ([True] if bs in plan.one_by_one and batch > 1 else [])
             for obo in modes:
-                name = f"{t}{'x' + str(args.streams) if t == 'tcp' and args.streams > 1 else ''} {fmt_size(bs)} x{batch}" \
+                name = f"{t}{'x' + str(args.streams) if t in ('tcp', 'shm') and args.streams > 1 else ''} {fmt_size(bs)} x{batch}" \
                        + (" 1-by-1" if obo else "")
                 # the reference runs beside each dpmove run, alternating which goes first: mooncake
                 # for tcp (--compare mooncake), memcpy over the same span for shm
@@ -567,7 +567,7 @@ def run_initiator(args: argparse.Namespace, plan: Plan, info: Dict[str, Any]) ->
                         mruns.append(got["ref"])
                         ratios.append(got["dpmove"]["gbps"] / got["ref"]["gbps"] if got["ref"]["gbps"] else float("nan"))
                 res: Dict[str, Any] = {"case": name, "transport": t, "bs": bs, "batch": batch,
-                                       "mode": "one-by-one" if obo else "batched", "streams": args.streams if t == "tcp" else 1}
+                                       "mode": "one-by-one" if obo else "batched", "streams": args.streams if t in ("tcp", "shm") else 1}
                 for key in runs[0]:
                     if key != "span":
                         res[key] = median(r[key] for r in runs)
