@@ -125,14 +125,15 @@ class Reader {
     pollfd p{fd, POLLIN, 0};
     return ::poll(&p, 1, -1) < 0 && errno != EINTR ? -errno : 0;
   }
-  int fill(size_t want) {
-    pos_ = end_ = 0;
+  // recvmsg into iov[0..cnt), retried on EINTR / EAGAIN. Bytes received, or -errno
+  // (-ECONNRESET at EOF).
+  ssize_t receive(iovec* iov, size_t cnt) {
     for (;;) {
-      ssize_t r = ::recv(fd_, buf_.data(), want, 0);
-      if (r > 0) {
-        end_ = static_cast<size_t>(r);
-        return 0;
-      }
+      msghdr mh{};
+      mh.msg_iov = iov;
+      mh.msg_iovlen = cnt;
+      ssize_t r = ::recvmsg(fd_, &mh, 0);
+      if (r > 0) return r;
       if (r == 0) return -ECONNRESET;
       if (errno == EINTR) continue;
       if (errno != EAGAIN) return -errno;
@@ -140,30 +141,27 @@ class Reader {
       if (w < 0) return w;
     }
   }
+  int fill(size_t want) {
+    pos_ = end_ = 0;
+    iovec iov{buf_.data(), want};
+    ssize_t r = receive(&iov, 1);
+    if (r < 0) return static_cast<int>(r);
+    end_ = static_cast<size_t>(r);
+    return 0;
+  }
   // Receives into d[0, n) and then up to one frame header into the (empty) buffer; advances d
   // and n by what landed in d.
   int direct(uint8_t*& d, uint64_t& n) {
     pos_ = end_ = 0;
-    for (;;) {
-      iovec iov[2] = {{d, static_cast<size_t>(std::min<uint64_t>(n, size_t{1} << 30))}, {buf_.data(), sizeof(Frame)}};
-      msghdr mh{};
-      mh.msg_iov = iov;
-      mh.msg_iovlen = 2;
-      ssize_t r = ::recvmsg(fd_, &mh, 0);
-      if (r > 0) {
-        size_t got = static_cast<size_t>(r);
-        size_t into_d = std::min(got, iov[0].iov_len);
-        d += into_d;
-        n -= into_d;
-        end_ = got - into_d;
-        return 0;
-      }
-      if (r == 0) return -ECONNRESET;
-      if (errno == EINTR) continue;
-      if (errno != EAGAIN) return -errno;
-      int w = wait_readable(fd_);
-      if (w < 0) return w;
-    }
+    iovec iov[2] = {{d, static_cast<size_t>(std::min<uint64_t>(n, size_t{1} << 30))}, {buf_.data(), sizeof(Frame)}};
+    ssize_t r = receive(iov, 2);
+    if (r < 0) return static_cast<int>(r);
+    size_t got = static_cast<size_t>(r);
+    size_t into_d = std::min(got, iov[0].iov_len);
+    d += into_d;
+    n -= into_d;
+    end_ = got - into_d;
+    return 0;
   }
   int fd_;
   std::vector<uint8_t> buf_;

@@ -109,6 +109,18 @@ int finish_connect(int fd, int64_t deadline_ns) {
   if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) return -errno;
   return err ? -err : 0;
 }
+// Connects the non-blocking socket fd by the deadline. Returns fd, or -errno after closing it.
+// (A unix socket whose backlog is full says EAGAIN where tcp says EINPROGRESS.)
+int connect_or_close(int fd, const sockaddr* a, socklen_t len, int64_t deadline_ns) {
+  int r = ::connect(fd, a, len);
+  if (r != 0 && errno != EINPROGRESS && errno != EAGAIN) r = -errno;
+  else if (r != 0) r = finish_connect(fd, deadline_ns);
+  if (r < 0) {
+    ::close(fd);
+    return r;
+  }
+  return fd;
+}
 }  // namespace
 
 int dial_tcp(const Endpoint& e, int64_t deadline_ns) {
@@ -131,20 +143,7 @@ int dial_tcp(const Endpoint& e, int64_t deadline_ns) {
     std::memcpy(&a->sin_addr, e.addr.data(), 4);
     sl = sizeof *a;
   }
-  int r = ::connect(fd, reinterpret_cast<sockaddr*>(&ss), sl);
-  if (r != 0 && errno != EINPROGRESS) {
-    int err = errno;
-    ::close(fd);
-    return -err;
-  }
-  if (r != 0) {
-    r = finish_connect(fd, deadline_ns);
-    if (r < 0) {
-      ::close(fd);
-      return r;
-    }
-  }
-  return fd;
+  return connect_or_close(fd, reinterpret_cast<sockaddr*>(&ss), sl, deadline_ns);
 }
 
 int dial_unix(const std::string& name, int64_t deadline_ns) {
@@ -155,20 +154,7 @@ int dial_unix(const std::string& name, int64_t deadline_ns) {
   size_t n = std::min(name.size(), sizeof(a.sun_path) - 1);
   std::memcpy(a.sun_path + 1, name.data(), n);  // abstract: sun_path[0] == 0
   socklen_t sl = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + n);
-  int r = ::connect(fd, reinterpret_cast<sockaddr*>(&a), sl);
-  if (r != 0 && errno != EINPROGRESS && errno != EAGAIN) {
-    int err = errno;
-    ::close(fd);
-    return -err;
-  }
-  if (r != 0) {
-    r = finish_connect(fd, deadline_ns);
-    if (r < 0) {
-      ::close(fd);
-      return r;
-    }
-  }
-  return fd;
+  return connect_or_close(fd, reinterpret_cast<sockaddr*>(&a), sl, deadline_ns);
 }
 
 int hello(int fd, Channel ch, uint32_t stream, uint64_t session, uint32_t streams, const Id128& server,
