@@ -170,18 +170,7 @@ void bind_engine(py::module_& m) {
              o.net.listen_port = static_cast<uint16_t>(listen_port);
              o.net.listen_unix = listen_unix;
              o.net.name = name;
-             std::shared_ptr<Engine> core = Engine::create(o);
-             // The Python object's holder drops the engine with the GIL held; ~Engine joins
-             // workers that may need the GIL to release a Python buffer, so let go of it first.
-             Engine* raw = core.get();
-             return std::shared_ptr<Engine>(raw, [core](Engine*) mutable {
-               if (PyGILState_Check()) {
-                 py::gil_scoped_release nogil;
-                 core.reset();
-               } else {
-                 core.reset();
-               }
-             });
+             return release_gil_on_drop(Engine::create(o));
            }),
            py::arg("backend") = "auto", py::arg("num_workers") = 2, py::arg("queue_depth") = 64,
            py::arg("register_buffers") = true, py::arg("register_files") = true, py::arg("default_timeout_s") = 60.0,

@@ -63,20 +63,6 @@ py::dict counters(const std::map<std::string, int64_t>& m) {
   return d;
 }
 
-// The Python object owns the Peer through this holder: dropping it closes the transport, which
-// joins threads that may need the GIL to release a Python buffer, so let go of the GIL first.
-std::shared_ptr<Peer> py_holder(std::shared_ptr<Peer> core) {
-  Peer* raw = core.get();
-  return std::shared_ptr<Peer>(raw, [core](Peer*) mutable {
-    if (PyGILState_Check()) {
-      py::gil_scoped_release nogil;
-      core.reset();
-    } else {
-      core.reset();
-    }
-  });
-}
-
 RemoteHandle handle_of(const py::object& o) {
   if (py::isinstance<RemoteHandle>(o)) return o.cast<RemoteHandle>();
   auto b = from_buffer(o, "dst");
@@ -223,7 +209,7 @@ Created by Engine.connect(). The transport (shm, tcp or verbs) is fixed at conne
                py::gil_scoped_release nogil;  // dials and handshakes
                p = e.agent()->connect(meta, o);
              }
-             return py_holder(std::move(p));
+             return release_gil_on_drop(std::move(p));
            },
            py::arg("metadata"), py::arg("transport") = "auto", py::arg("streams") = 1, py::arg("timeout_s") = 10.0,
            py::arg("chain") = 32, py::arg("signal_every") = 16)

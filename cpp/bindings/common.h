@@ -30,6 +30,22 @@ inline int64_t seconds_to_ns(const py::object& s, int64_t none_ns, const char* w
   return static_cast<int64_t>(v * 1e9);
 }
 
+// The holder a Python object keeps for a core object whose destructor joins threads (Engine,
+// Peer): those threads may need the GIL (a Python buffer's release), so the last reference is
+// dropped with the GIL released.
+template <class T>
+std::shared_ptr<T> release_gil_on_drop(std::shared_ptr<T> core) {
+  T* raw = core.get();
+  return std::shared_ptr<T>(raw, [core](T*) mutable {
+    if (PyGILState_Check()) {
+      py::gil_scoped_release nogil;
+      core.reset();
+    } else {
+      core.reset();
+    }
+  });
+}
+
 // Raises the Python exception described by (kind, errno, message, filename) through
 // dpmove.errors.from_core; kind is one of "error", "unsupported", "transfer", "timed_out",
 // "cancelled".
