@@ -116,7 +116,10 @@ std::shared_ptr<Request> submit(Engine& e, OpKind op, const std::shared_ptr<File
 void bind_engine(py::module_& m) {
   py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
       .def(py::init([](const std::string& backend, int num_workers, unsigned queue_depth, bool register_buffers,
-                       bool register_files, py::object default_timeout_s) {
+                       bool register_files, py::object default_timeout_s, const std::string& listen_host, int listen_port,
+                       bool listen_unix, const std::string& name) {
+             if (listen_port < 0 || listen_port > 65535)
+               throw py::value_error("listen_port must be in [0, 65535], got " + std::to_string(listen_port));
              EngineOptions o;
              o.backend = backend;
              o.num_workers = num_workers;
@@ -124,6 +127,10 @@ void bind_engine(py::module_& m) {
              o.register_buffers = register_buffers;
              o.register_files = register_files;
              o.default_timeout_ns = seconds_to_ns(default_timeout_s, INT64_MAX, "default_timeout_s");
+             o.net.listen_host = listen_host;
+             o.net.listen_port = static_cast<uint16_t>(listen_port);
+             o.net.listen_unix = listen_unix;
+             o.net.name = name;
              std::shared_ptr<Engine> core = Engine::create(o);
              // The Python object's holder drops the engine with the GIL held; ~Engine joins
              // workers that may need the GIL to release a Python buffer, so let go of it first.
@@ -138,7 +145,9 @@ void bind_engine(py::module_& m) {
              });
            }),
            py::arg("backend") = "auto", py::arg("num_workers") = 2, py::arg("queue_depth") = 64,
-           py::arg("register_buffers") = true, py::arg("register_files") = true, py::arg("default_timeout_s") = 60.0)
+           py::arg("register_buffers") = true, py::arg("register_files") = true, py::arg("default_timeout_s") = 60.0,
+           py::arg("listen_host") = "127.0.0.1", py::arg("listen_port") = 0, py::arg("listen_unix") = true, py::arg("name") = "")
+      .def_property_readonly("default_timeout_ns", [](const Engine& e) { return e.options().default_timeout_ns; })
       .def_property_readonly("backend", &Engine::backend_name)
       .def_property_readonly("backend_reason", &Engine::backend_reason)
       .def_property_readonly("closed", &Engine::closed)

@@ -47,6 +47,8 @@ void check(const Request& r) {
   int code = EIO;
   std::string msg = describe_req(r) + ": " + std::to_string(r.failed()) + " of " + std::to_string(r.size()) +
                     " entries failed; first: " + (i >= 0 ? entry_failure(r, i, st, &code) : "?");
+  std::string detail = r.detail();
+  if (!detail.empty()) msg += " (" + detail + ")";
   raise_py("transfer", code, msg, r.target());
 }
 

@@ -8,4 +8,5 @@ PYBIND11_MODULE(_core, m) {
   dpmove::bind_file(m);
   dpmove::bind_request(m);
   dpmove::bind_engine(m);
+  dpmove::bind_net(m);
 }

@@ -217,14 +217,33 @@ std::shared_ptr<Request> Engine::submit(OpKind op, const std::shared_ptr<File>& 
   if (timeout_ns < 0) timeout_ns = opts_.default_timeout_ns;
   int64_t deadline = (timeout_ns == INT64_MAX || now > INT64_MAX - timeout_ns) ? INT64_MAX : now + timeout_ns;
   // Not make_shared: the deadline heaps hold weak_ptrs, which would pin the whole object.
-  std::shared_ptr<Request> req(new Request(next_id_.fetch_add(1), op, file, region, std::move(copy), deadline, timing));
+  std::shared_ptr<Request> req(new Request(next_id_->fetch_add(1), op, file, region, std::move(copy), deadline, timing));
   req->set_kick([k = kicker_] { k->kick(); });
   backend_->submit(req);
   return req;
 }
 
+std::shared_ptr<net::Agent> Engine::agent() {
+  std::lock_guard<std::mutex> lk(agent_mu_);
+  check_open();
+  if (!agent_) {
+    auto ids = next_id_;
+    auto a = std::make_shared<net::Agent>(opts_.net, [ids] { return ids->fetch_add(1); });
+    a->start();
+    agent_ = std::move(a);
+  }
+  return agent_;
+}
+
 int64_t Engine::close(int64_t timeout_ns) {
   if (closed_.exchange(true)) return 0;
+  std::shared_ptr<net::Agent> agent;
+  {
+    std::lock_guard<std::mutex> lk(agent_mu_);
+    agent = agent_;
+  }
+  // Peers first (their requests end with ECONNABORTED), then the listener.
+  if (agent) agent->close();
   std::unique_lock<std::shared_mutex> life(life_mu_);
   // Registrations first: a Region or File dropped on another thread during the shutdown must
   // not reach rings that are going away.

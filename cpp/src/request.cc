@@ -186,6 +186,16 @@ void Request::copy_latency(int64_t* out) const noexcept {
   }
 }
 
+void Request::set_detail(const std::string& d) {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (detail_.empty()) detail_ = d;
+}
+
+std::string Request::detail() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return detail_;
+}
+
 std::pair<int64_t, int32_t> Request::first_failure() const noexcept {
   for (size_t i = 0; i < entries_.size(); ++i) {
     int32_t s = status_[i].load(std::memory_order_acquire);

@@ -34,10 +34,11 @@ from .errors import (
     UnsupportedOperation,
 )
 from .info import info
+from .net import Notification, Peer, RemoteRegion, parse_metadata
 
 __version__ = _core.__version__
 
-for _cls in (File, Region, Request, RequestState):
+for _cls in (File, Region, Request, RequestState, RemoteRegion, Notification):
     _cls.__module__ = "dpmove"
 del _cls
 
@@ -49,6 +50,10 @@ __all__ = [
     "RequestState",
     "entries",
     "as_entries",
+    "Peer",
+    "RemoteRegion",
+    "Notification",
+    "parse_metadata",
     "info",
     "Error",
     "TransferError",

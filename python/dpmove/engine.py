@@ -92,6 +92,15 @@ class Engine:
         registration is not an error: the region works unregistered and says why.
     default_timeout_s:
         Deadline given to requests that do not name one (None: no deadline).
+    listen_host, listen_port:
+        Where the engine accepts peers' connections for one-sided writes (tcp), once
+        ``metadata()``, ``expose()`` or ``connect()`` is first called. Loopback by default;
+        ``"0.0.0.0"`` for every interface. Port 0 picks a free one.
+    listen_unix:
+        Also accept same-host peers (shm) on an abstract unix socket; only the same user may
+        connect.
+    name:
+        Display name in metadata, notifications and error messages.
     """
 
     def __init__(
@@ -103,6 +112,10 @@ class Engine:
         register_buffers: bool = True,
         register_files: bool = True,
         default_timeout_s: Optional[float] = 60.0,
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
+        listen_unix: bool = True,
+        name: str = "",
     ) -> None:
         if backend is None:
             backend = os.environ.get("DPMOVE_BACKEND", "auto")
@@ -113,6 +126,10 @@ class Engine:
             register_buffers=register_buffers,
             register_files=register_files,
             default_timeout_s=default_timeout_s,
+            listen_host=listen_host,
+            listen_port=listen_port,
+            listen_unix=listen_unix,
+            name=name,
         )
         _live.add(self)
 
@@ -188,6 +205,61 @@ class Engine:
     ) -> "_core.Request":
         """Writes region bytes to the file for every (file_offset, region_offset, length) row."""
         return self._core.write(file, region, as_entries(batch), timeout_s, timing)
+
+    # --- one-sided writes between engines ------------------------------------------------
+    def metadata(self) -> bytes:
+        """Versioned bytes describing how to reach this engine; give them to writers, which
+        pass them to their ``connect()``. Starts the listener on first use."""
+        return self._core.metadata()
+
+    def expose(self, region: "_core.Region", *, writable: bool = True) -> "_core.RemoteRegion":
+        """Lets peers write into `region`; returns the handle they name it by.
+
+        Only [0, region size) is reachable, and the receiver re-checks every write against it.
+        shm peers map the region's memory: that needs a region from ``alloc()`` (a registered
+        Python buffer can be written over tcp and verbs only).
+        """
+        return self._core.expose(region, writable)
+
+    def unexpose(self, handle: Union["_core.RemoteRegion", int]) -> bool:
+        """Stops accepting writes into the region (later writes fail per entry)."""
+        return self._core.unexpose(handle)
+
+    def exposed(self) -> list:
+        return self._core.exposed()
+
+    def connect(
+        self,
+        metadata: bytes,
+        *,
+        transport: str = "auto",
+        streams: int = 1,
+        timeout_s: Optional[float] = 10.0,
+        chain: int = 32,
+        signal_every: int = 16,
+    ) -> "Peer":
+        """Connects to the engine that produced `metadata`.
+
+        transport: ``"auto"`` (shm for a peer on this host, in this network namespace and of
+        this user; verbs where an RDMA device is usable on both sides; else tcp), or one of
+        ``"shm"``, ``"tcp"``, ``"verbs"``. streams: tcp connections (1-16). chain / signal_every:
+        verbs work requests per doorbell and per signalled completion. The metadata is
+        untrusted input: malformed bytes raise ValueError.
+        """
+        from .net import Peer
+
+        core = self._core.connect(metadata, transport, streams, timeout_s, chain, signal_every)
+        return Peer(core, self._core.default_timeout_ns)
+
+    def next_notification(self, timeout_s: Optional[float] = None) -> Optional["_core.Notification"]:
+        """The oldest notification not yet taken, waiting up to `timeout_s` (None: forever; 0:
+        poll). None on timeout or when the engine closes."""
+        return self._core.next_notification(timeout_s)
+
+    def net_stats(self) -> dict:
+        """Receiver counters: connections, bytes_received, writes_refused, requests_completed,
+        notifications_delivered, protocol_errors."""
+        return self._core.net_stats()
 
     # --- lifetime ----------------------------------------------------------------------------
     def close(self, timeout_s: Optional[float] = 10.0) -> None:

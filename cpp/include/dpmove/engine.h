@@ -16,6 +16,7 @@
 
 #include "dpmove/backend.h"
 #include "dpmove/file.h"
+#include "dpmove/net.h"
 #include "dpmove/region.h"
 #include "dpmove/request.h"
 
@@ -30,6 +31,7 @@ struct EngineOptions {
   unsigned max_registered_buffers = 1024;
   unsigned max_registered_files = 1024;
   int64_t default_timeout_ns = int64_t{60} * 1000000000;
+  net::NetOptions net;  // listener settings; nothing listens until agent() is first used
 };
 
 class SlotRegistry;
@@ -66,9 +68,13 @@ class Engine : public std::enable_shared_from_this<Engine> {
   bool closed() const noexcept { return closed_.load(std::memory_order_acquire); }
   void check_open() const;
 
+  // The receiving side of one-sided writes (listener, exposed regions, notifications) and the
+  // factory of Peers. Created and started on first use. Throws ClosedError after close().
+  std::shared_ptr<net::Agent> agent();
+
   BackendStats stats() const;
   std::map<std::string, std::string> describe() const;
-  uint64_t requests_submitted() const noexcept { return next_id_.load() - 1; }
+  uint64_t requests_submitted() const noexcept { return next_id_->load() - 1; }
 
  private:
   Engine() = default;
@@ -76,7 +82,10 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::unique_ptr<Backend> backend_;
   std::string backend_name_, backend_reason_;
   std::shared_ptr<SlotRegistry> registry_;
-  std::atomic<uint64_t> next_id_{1};
+  // Shared with the agent, whose Peers number their requests from the same counter.
+  std::shared_ptr<std::atomic<uint64_t>> next_id_ = std::make_shared<std::atomic<uint64_t>>(1);
+  std::mutex agent_mu_;
+  std::shared_ptr<net::Agent> agent_;
   std::atomic<bool> closed_{false};
   // Shared by submit/stats/describe, exclusive in close(): the backend is never used while
   // close() tears it down. submit only try-locks (see Engine::submit).

@@ -178,10 +178,10 @@ class Agent : public std::enable_shared_from_this<Agent> {
   struct Session;
   void accept_loop();
   void serve(std::shared_ptr<Conn> c);
-  void serve_data(Conn& c, const Frame& hello, const HelloBody& body);
+  void serve_data(const std::shared_ptr<Conn>& c, const Frame& hello, const HelloBody& body);
   void serve_map(Conn& c);
   std::shared_ptr<Session> session(uint64_t id, const HelloBody& body, uint32_t streams);
-  void end_request(Session& s, Conn& c, const Frame& end, std::vector<AckFailure> failures,
+  void end_request(Session& s, const std::shared_ptr<Conn>& c, const Frame& end, std::vector<AckFailure> failures,
                    std::vector<uint8_t> notify);
 
   NetOptions opts_;

@@ -110,6 +110,11 @@ class Request {
   void copy_bytes(int64_t* out) const noexcept;
   // Per-entry latency (ns) from first submission to completion; -1 where not measured.
   void copy_latency(int64_t* out) const noexcept;
+  // A transport's explanation of a failure (e.g. "peer X closed the connection"); the first
+  // one set is kept. Empty when none.
+  void set_detail(const std::string& d);
+  std::string detail() const;
+
   // First entry whose status is not 0 (index, status), or (-1, 0).
   std::pair<int64_t, int32_t> first_failure() const noexcept;
 
@@ -138,6 +143,7 @@ class Request {
   std::atomic<int64_t> bytes_done_{0};
   std::atomic<int64_t> duplicates_{0};
 
+  std::string detail_;  // guarded by mu_
   std::function<void()> kick_;  // set before the request is shared; read-only afterwards
 
   mutable std::mutex mu_;

@@ -1,0 +1,162 @@
+// Sender side: transport choice, validation of put requests, reconnect.
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
+
+#include "dpmove/net.h"
+#include "dpmove/status.h"
+
+namespace dpmove {
+namespace net {
+
+#if !DPMOVE_HAVE_VERBS
+std::shared_ptr<Transport> make_verbs_transport(Agent&, const Metadata&, const ConnectOptions&, const std::string&) {
+  throw UnsupportedError(EPROTONOSUPPORT,
+                         "transport 'verbs': dpmove was built without rdma-core headers (Debian: libibverbs-dev); rebuild "
+                         "with them to use RDMA");
+}
+bool verbs_usable(std::string* why) {
+  if (why) *why = "dpmove was built without rdma-core headers (libibverbs-dev)";
+  return false;
+}
+#endif
+
+Peer::Peer(std::shared_ptr<Agent> local, Metadata remote, ConnectOptions opts)
+    : local_(std::move(local)), remote_(std::move(remote)), opts_(std::move(opts)) {
+  if (opts_.transport != "auto" && opts_.transport != "shm" && opts_.transport != "tcp" && opts_.transport != "verbs")
+    throw UsageError("transport must be 'auto', 'shm', 'tcp' or 'verbs', got '" + opts_.transport + "'");
+  if (opts_.streams < 1 || opts_.streams > 16) throw UsageError("streams must be in [1, 16], got " + std::to_string(opts_.streams));
+  if (opts_.chain < 1 || opts_.chain > 1024) throw UsageError("chain must be in [1, 1024], got " + std::to_string(opts_.chain));
+  if (opts_.signal_every < 1 || opts_.signal_every > 1024)
+    throw UsageError("signal_every must be in [1, 1024], got " + std::to_string(opts_.signal_every));
+  if (opts_.timeout_ns <= 0) throw UsageError("connect timeout must be > 0");
+}
+
+Peer::~Peer() { close(); }
+
+std::string Peer::name() const { return "peer " + remote_.describe(); }
+
+void Peer::connect() {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (closed_.load()) throw ClosedError("Peer is closed");
+  if (local_->closed()) throw ClosedError("Engine is closed");
+  if (transport_) {
+    transport_->shutdown(ECONNABORTED, "reconnecting");
+    transport_.reset();
+  }
+  // shm needs the same kernel, the same network namespace (abstract unix sockets live in one)
+  // and the same user (the receiver accepts only its own uid).
+  bool same_host = remote_.boot_id == local_boot_id() && remote_.netns == local_netns() && !remote_.unix_name.empty() &&
+                   remote_.uid == static_cast<uint32_t>(getuid());
+  std::string t = opts_.transport;
+  std::string why_not_verbs;
+  if (t == "auto") {
+    if (same_host)
+      t = "shm";
+    else if (!remote_.verbs.empty() && verbs_usable(&why_not_verbs))
+      t = "verbs";
+    else
+      t = "tcp";
+  }
+  if (t == "shm" && !same_host)
+    throw UnsupportedError(EXDEV, "transport 'shm' needs the peer on this host, in this network namespace and run by this user; " +
+                                      name() + " is not (use 'tcp' or 'auto')");
+  if ((t == "tcp" || t == "verbs") && remote_.tcp.empty())
+    throw UnsupportedError(EDESTADDRREQ, name() + " advertises no tcp endpoint");
+  std::string pname = name();
+  if (t == "shm")
+    transport_ = make_shm_transport(*local_, remote_, opts_, pname);
+  else if (t == "tcp")
+    transport_ = make_tcp_transport(*local_, remote_, opts_, pname);
+  else
+    transport_ = make_verbs_transport(*local_, remote_, opts_, pname);
+  chosen_ = t;
+}
+
+const char* Peer::transport_name() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return transport_ ? transport_->name() : "none";
+}
+
+std::string Peer::broken() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  if (closed_.load()) return "closed";
+  return transport_ ? transport_->broken() : "not connected";
+}
+
+std::map<std::string, int64_t> Peer::stats() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return transport_ ? transport_->stats() : std::map<std::string, int64_t>{};
+}
+
+void Peer::close() {
+  std::shared_ptr<Transport> t;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    closed_.store(true);
+    t.swap(transport_);
+  }
+  if (t) t->shutdown(ECONNABORTED, "the peer was closed locally");
+}
+
+std::shared_ptr<Request> Peer::put(const std::shared_ptr<Region>& src, const RemoteHandle& dst, const IoEntry* e, size_t n,
+                                   const uint8_t* notify, size_t notify_len, bool has_notify, int64_t timeout_ns,
+                                   bool timing, int traffic_class) {
+  if (closed_.load()) throw ClosedError("Peer is closed");
+  if (local_->closed()) throw ClosedError("Engine is closed");
+  src->check_open();
+  if (dst.engine != remote_.engine_id)
+    throw UsageError("the handle names region " + std::to_string(dst.key) + " of engine " + hex(dst.engine).substr(0, 8) +
+                     ", but this peer is engine " + hex(remote_.engine_id).substr(0, 8) + " (" + remote_.name +
+                     "); a handle from before the peer restarted is stale: get a new one from it");
+  if (!(dst.flags & kHandleWritable)) throw UsageError("region " + std::to_string(dst.key) + " of " + name() + " was exposed read-only");
+  if (notify_len > kMaxNotifyBytes)
+    throw UsageError("notify is " + std::to_string(notify_len) + " bytes, at most " + std::to_string(kMaxNotifyBytes) + " allowed");
+  if (n > (size_t{1} << 20)) throw UsageError("at most 1048576 entries per request, got " + std::to_string(n));
+  if (traffic_class < 0 || traffic_class > 3) throw UsageError("traffic_class must be in [0, 3], got " + std::to_string(traffic_class));
+  const uint64_t lsize = src->size();
+  for (size_t i = 0; i < n; ++i) {
+    const IoEntry& x = e[i];
+    auto where = [&] {
+      return "entry " + std::to_string(i) + " (remote_offset=" + std::to_string(x.file_offset) +
+             ", local_offset=" + std::to_string(x.region_offset) + ", length=" + std::to_string(x.length) + ")";
+    };
+    if (x.file_offset < 0 || x.region_offset < 0 || x.length < 0) throw UsageError(where() + ": offsets and length must be >= 0");
+    if (static_cast<uint64_t>(x.region_offset) > lsize || static_cast<uint64_t>(x.length) > lsize - static_cast<uint64_t>(x.region_offset))
+      throw UsageError(where() + ": does not fit in the local region of " + std::to_string(lsize) + " bytes");
+    if (static_cast<uint64_t>(x.file_offset) > dst.size || static_cast<uint64_t>(x.length) > dst.size - static_cast<uint64_t>(x.file_offset))
+      throw UsageError(where() + ": outside remote region " + std::to_string(dst.key) + " of " + std::to_string(dst.size) +
+                       " bytes; nothing was sent");
+  }
+  std::shared_ptr<Transport> t;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    t = transport_;
+  }
+  if (!t) throw SysError(ENOTCONN, name() + " is not connected");
+  std::string why = t->broken();
+  if (!why.empty())
+    throw SysError(ENOTCONN, name() + " is disconnected (" + why + "); call reconnect(), or connect() with its new metadata if it restarted");
+  t->prepare(dst);
+  int64_t now = now_ns();
+  int64_t deadline = timeout_ns == INT64_MAX ? INT64_MAX : (timeout_ns > INT64_MAX - now ? INT64_MAX : now + timeout_ns);
+  auto req = std::make_shared<Request>(local_->next_request_id(), OpKind::kPut, nullptr, src, std::vector<IoEntry>(e, e + n),
+                                       deadline, timing, name() + " region " + std::to_string(dst.key));
+  std::weak_ptr<Transport> wt = t;
+  req->set_kick([wt] {
+    if (auto tt = wt.lock()) tt->kick();
+  });
+  auto op = std::make_shared<PutOp>();
+  op->req = req;
+  op->dst = dst;
+  if (has_notify) op->notify.assign(notify, notify + notify_len);
+  op->has_notify = has_notify;
+  op->traffic_class = traffic_class;
+  op->seq = ++seq_;
+  t->post(op);
+  return req;
+}
+
+}  // namespace net
+}  // namespace dpmove

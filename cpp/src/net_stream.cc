@@ -1,0 +1,678 @@
+// Sender side of the socket transports.
+//
+// tcp: each request is cut into at most one piece per stream (contiguous runs of entries,
+//   balanced by bytes); a piece goes out as WRITE frames whose payload is written with
+//   writev straight from the source region (no staging), then an END frame. The receiver
+//   recv()s each payload straight into the exposed region.
+// shm: one stream over the unix socket. The sender maps the peer's memfd (MAP request on a
+//   control connection, fd passed with SCM_RIGHTS), copies each entry with one memcpy, then
+//   sends END listing the extents it wrote so the receiver can check them.
+// Both: the receiver ACKs a request on its primary stream once every stream's END arrived;
+//   the ACK lists refused entries. Entries finish on the ACK (0 or the refusal), or with
+//   -ETIMEDOUT / -ECANCELED once the request ended that way and no stream still sends from its
+//   buffer, or with the transport's error when the connection breaks.
+//
+// Threads: one per stream, non-blocking socket + poll(), woken by an eventfd on post() and
+// cancel. Stream 0's thread also applies deadlines (reap()).
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cstring>
+#include <unordered_map>
+
+#include "dpmove/net.h"
+#include "dpmove/status.h"
+
+namespace dpmove {
+namespace net {
+
+namespace {
+
+constexpr int kIovMax = 1024;
+// A request smaller than this goes to one stream (round robin by request): splitting it would
+// cost more in END/ACK bookkeeping than the parallelism gains.
+constexpr int64_t kSplitBytes = 1 << 20;
+// A stream whose head request ended (deadline or cancel) and that made no progress for this
+// long is reset: the peer is stalled and the frame cannot be abandoned half-sent.
+constexpr int64_t kStallResetNs = 200 * 1000000LL;
+
+struct Mapping {
+  uint8_t* base = nullptr;  // first byte of the exposed region in our address space
+  uint64_t size = 0;
+  void* map = MAP_FAILED;
+  size_t map_len = 0;
+  ~Mapping() {
+    if (map != MAP_FAILED) munmap(map, map_len);
+  }
+};
+
+struct InFlight {
+  std::shared_ptr<PutOp> op;
+  std::vector<uint32_t> started;  // entries handed to a stream (guarded by the transport's mu_)
+  int sending = 0;                // pieces not yet fully written (guarded by mu_)
+};
+
+struct Piece {
+  std::shared_ptr<InFlight> fl;
+  std::vector<uint32_t> entries;
+  bool primary = false;
+  uint32_t nstreams = 1;
+  std::shared_ptr<Mapping> map;  // shm
+};
+
+class StreamTransport final : public Transport, public std::enable_shared_from_this<StreamTransport> {
+ public:
+  StreamTransport(bool shm, std::string peer) : shm_(shm), peer_(std::move(peer)) {}
+  ~StreamTransport() override { shutdown(ECONNABORTED, "transport closed"); }
+
+  // Connects every stream and the shm control connection, then starts the threads.
+  void open(Agent& local, const Metadata& remote, const ConnectOptions& o);
+
+  const char* name() const override { return shm_ ? "shm" : "tcp"; }
+  void post(std::shared_ptr<PutOp> op) override;
+  void prepare(const RemoteHandle& dst) override;
+  void kick() override {
+    if (!streams_.empty()) wake(*streams_[0]);
+  }
+  void shutdown(int err, const std::string& why) override;
+  std::string broken() const override {
+    std::lock_guard<std::mutex> lk(mu_);
+    return broken_;
+  }
+  std::map<std::string, int64_t> stats() const override {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto s = stats_;
+    s["in_flight_requests"] = static_cast<int64_t>(inflight_.size());
+    s["streams"] = static_cast<int64_t>(streams_.size());
+    return s;
+  }
+
+ private:
+  struct Stream {
+    int fd = -1, wake = -1;
+    std::thread th;
+    std::deque<Piece> q;  // guarded by mu_
+    // tx: the piece being written, its frames and the iovecs still to write.
+    bool busy = false;
+    Piece cur;
+    std::vector<Frame> hdrs;
+    std::vector<uint8_t> trailer;
+    std::vector<iovec> iov;
+    size_t iov_i = 0;
+    int64_t last_progress = 0;
+    // rx: a frame and its trailer being read.
+    Frame rx{};
+    size_t rx_got = 0;
+    std::vector<uint8_t> rx_trailer;
+    size_t rx_tgot = 0;
+    ~Stream() {
+      if (fd >= 0) ::close(fd);
+      if (wake >= 0) ::close(wake);
+    }
+  };
+
+  void wake(Stream& s) {
+    uint64_t one = 1;
+    (void)!::write(s.wake, &one, sizeof one);
+  }
+  void run(size_t k);
+  void build(Stream& s);
+  int flush(Stream& s);          // 1 piece fully written, 0 would block, <0 -errno
+  int read_frames(Stream& s);    // 0 or -errno
+  void complete(uint64_t seq, const AckFailure* f, size_t n);
+  int64_t reap();                // returns the earliest pending deadline
+  void fail(int err, const std::string& why);
+  void finish_all();
+  void bump(const char* k, int64_t n = 1) { stats_[k] += n; }  // under mu_
+
+  const bool shm_;
+  const std::string peer_;
+  std::vector<std::unique_ptr<Stream>> streams_;
+  mutable std::mutex mu_;
+  std::map<uint64_t, std::shared_ptr<InFlight>> inflight_;
+  std::map<std::string, int64_t> stats_;
+  std::string broken_;
+  int broken_err_ = 0;
+  bool stop_ = false;
+  int live_ = 0;
+  bool finished_all_ = false;
+  bool joined_ = false;
+  uint64_t rr_ = 0;
+
+  // shm
+  int ctl_fd_ = -1;
+  std::mutex map_mu_;
+  std::unordered_map<uint32_t, std::shared_ptr<Mapping>> maps_;
+};
+
+void StreamTransport::open(Agent& local, const Metadata& remote, const ConnectOptions& o) {
+  int64_t dl = now_ns() + o.timeout_ns;
+  uint64_t session;
+  Id128 r = random_id();
+  std::memcpy(&session, r.data(), sizeof session);
+  int nstreams = shm_ ? 1 : o.streams;
+  std::string last_err;
+  auto connect_one = [&](Channel ch, uint32_t k) -> int {
+    int fd = -1;
+    std::string why;
+    if (shm_) {
+      fd = dial_unix(remote.unix_name, dl);
+      if (fd < 0) {
+        last_err = "connect(unix @" + remote.unix_name + "): " + errno_str(-fd);
+        return fd;
+      }
+    } else {
+      int err = -ENOTCONN;
+      for (const Endpoint& e : remote.tcp) {
+        fd = dial_tcp(e, dl);
+        if (fd >= 0) break;
+        err = fd;
+        last_err = "connect(" + e.str() + "): " + errno_str(-fd);
+      }
+      if (fd < 0) return err;
+    }
+    int h = hello(fd, ch, k, session, static_cast<uint32_t>(nstreams), remote.engine_id, local.engine_id(), local.name(), dl, &why);
+    if (h < 0) {
+      ::close(fd);
+      last_err = "handshake: " + (why.empty() ? errno_str(-h) : why);
+      return h;
+    }
+    return fd;
+  };
+  for (int k = 0; k < nstreams; ++k) {
+    int fd = connect_one(shm_ ? Channel::kShmData : Channel::kTcpData, static_cast<uint32_t>(k));
+    if (fd < 0) throw_sys(-fd, "connect to " + peer_ + " over " + name() + ": " + last_err);
+    auto s = std::make_unique<Stream>();
+    s->fd = fd;
+    s->wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (s->wake < 0) throw_sys(errno, "eventfd");
+    if (!shm_) {
+      // Room for a few MiB in flight per stream; the kernel caps it at net.core.wmem_max.
+      int sz = 8 << 20;
+      setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sz, sizeof sz);
+    }
+    streams_.push_back(std::move(s));
+  }
+  if (shm_) {
+    ctl_fd_ = connect_one(Channel::kControl, 0);
+    if (ctl_fd_ < 0) throw_sys(-ctl_fd_, "connect to " + peer_ + " over shm (control): " + last_err);
+  }
+  std::lock_guard<std::mutex> lk(mu_);
+  live_ = static_cast<int>(streams_.size());
+  for (size_t k = 0; k < streams_.size(); ++k) streams_[k]->th = std::thread([this, k] { run(k); });
+}
+
+void StreamTransport::prepare(const RemoteHandle& dst) {
+  if (!shm_) return;
+  std::lock_guard<std::mutex> lk(map_mu_);
+  if (maps_.count(dst.key)) return;
+  int64_t dl = now_ns() + int64_t{10} * 1000000000;
+  Frame f;
+  f.type = static_cast<uint16_t>(FrameType::kMap);
+  f.key = dst.key;
+  int r = send_frame(ctl_fd_, f, nullptr, 0, dl);
+  if (r < 0) throw_sys(-r, "shm: asking " + peer_ + " for region " + std::to_string(dst.key));
+  // The reply frame carries the memfd as SCM_RIGHTS on its first byte.
+  Frame ok;
+  alignas(cmsghdr) char ctl[CMSG_SPACE(sizeof(int))];
+  int fd = -1;
+  size_t got = 0;
+  while (got < sizeof ok) {
+    msghdr mh{};
+    iovec iov{reinterpret_cast<uint8_t*>(&ok) + got, sizeof ok - got};
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    mh.msg_control = ctl;
+    mh.msg_controllen = sizeof ctl;
+    ssize_t n = ::recvmsg(ctl_fd_, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    if (n > 0) {
+      for (cmsghdr* cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
+        if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && fd < 0) std::memcpy(&fd, CMSG_DATA(cm), sizeof fd);
+      got += static_cast<size_t>(n);
+      continue;
+    }
+    if (n == 0) throw_sys(ECONNRESET, "shm: " + peer_ + " closed the control connection");
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN) throw_sys(errno, "shm: reading the map reply of " + peer_);
+    pollfd p{ctl_fd_, POLLIN, 0};
+    int64_t left = dl - now_ns();
+    if (left <= 0) throw_sys(ETIMEDOUT, "shm: " + peer_ + " did not answer the map request");
+    ::poll(&p, 1, static_cast<int>(left / 1000000 + 1));
+  }
+  struct FdGuard {
+    int fd;
+    ~FdGuard() {
+      if (fd >= 0) ::close(fd);
+    }
+  } guard{fd};
+  if (ok.magic != kFrameMagic || ok.type != static_cast<uint16_t>(FrameType::kMapOk) || ok.key != dst.key)
+    throw_sys(EPROTO, "shm: unexpected reply from " + peer_ + " to a map request");
+  if (ok.aux == ENOENT) throw_sys(ENOENT, "shm: " + peer_ + " has no region " + std::to_string(dst.key) + " exposed (unexposed, or a stale handle)");
+  if (ok.aux == EOPNOTSUPP)
+    throw UnsupportedError(EOPNOTSUPP, "shm: region " + std::to_string(dst.key) + " of " + peer_ +
+                                           " is a registered Python buffer, which cannot be shared; expose a region from "
+                                           "Engine.alloc() or connect with transport='tcp'");
+  if (ok.aux != 0 || fd < 0) throw_sys(ok.aux ? static_cast<int>(ok.aux) : EPROTO, "shm: mapping region " + std::to_string(dst.key) + " of " + peer_);
+  if (ok.length != dst.size || ok.offset > ok.extra || ok.length > ok.extra - ok.offset)
+    throw_sys(EPROTO, "shm: " + peer_ + " describes region " + std::to_string(dst.key) + " as " + std::to_string(ok.length) +
+                          " bytes, the handle says " + std::to_string(dst.size));
+  auto m = std::make_shared<Mapping>();
+  size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  size_t start = static_cast<size_t>(ok.offset) / page * page;
+  size_t end = static_cast<size_t>(ok.offset + ok.length);
+  m->map_len = std::max<size_t>(end - start, 1);
+  // MAP_POPULATE: fault the page tables in now, not on the first copy of each page.
+  m->map = mmap(nullptr, m->map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, static_cast<off_t>(start));
+  if (m->map == MAP_FAILED) throw_sys(errno, "shm: mmap of region " + std::to_string(dst.key) + " of " + peer_);
+  m->base = static_cast<uint8_t*>(m->map) + (ok.offset - start);
+  m->size = ok.length;
+  maps_[dst.key] = m;
+}
+
+void StreamTransport::post(std::shared_ptr<PutOp> op) {
+  Request& r = *op->req;
+  auto fl = std::make_shared<InFlight>();
+  fl->op = op;
+  std::shared_ptr<Mapping> map;
+  if (shm_) {
+    std::lock_guard<std::mutex> lk(map_mu_);
+    auto it = maps_.find(op->dst.key);
+    if (it != maps_.end()) map = it->second;
+  }
+  std::unique_lock<std::mutex> lk(mu_);
+  if (stop_ || (shm_ && !map)) {
+    int err = stop_ ? broken_err_ : EPROTO;
+    lk.unlock();
+    for (size_t i = 0; i < r.size(); ++i)
+      if (r.start(i)) r.finish(i, -err, 0);
+    return;
+  }
+  // Split by bytes into runs, one per stream.
+  size_t n = r.size();
+  size_t ns = streams_.size();
+  int64_t total = 0;
+  for (size_t i = 0; i < n; ++i) total += r.entry(i).length;
+  std::vector<Piece> pieces;
+  if (ns == 1 || total < kSplitBytes || n < 2) {
+    Piece p;
+    p.entries.resize(n);
+    for (size_t i = 0; i < n; ++i) p.entries[i] = static_cast<uint32_t>(i);
+    pieces.push_back(std::move(p));
+  } else {
+    int64_t per = (total + static_cast<int64_t>(ns) - 1) / static_cast<int64_t>(ns);
+    Piece p;
+    int64_t acc = 0;
+    for (size_t i = 0; i < n; ++i) {
+      p.entries.push_back(static_cast<uint32_t>(i));
+      acc += r.entry(i).length;
+      if (acc >= per && pieces.size() + 1 < ns) {
+        pieces.push_back(std::move(p));
+        p = Piece();
+        acc = 0;
+      }
+    }
+    if (!p.entries.empty()) pieces.push_back(std::move(p));
+  }
+  size_t first = static_cast<size_t>(rr_++ % ns);
+  fl->sending = static_cast<int>(pieces.size());
+  inflight_[op->seq] = fl;
+  bump("requests_posted");
+  bump("entries_posted", static_cast<int64_t>(n));
+  for (size_t k = 0; k < pieces.size(); ++k) {
+    Piece& p = pieces[k];
+    p.fl = fl;
+    p.primary = k == 0;
+    p.nstreams = static_cast<uint32_t>(pieces.size());
+    p.map = map;
+    Stream& s = *streams_[(first + k) % ns];
+    bool was_empty = s.q.empty() && !s.busy;
+    s.q.push_back(std::move(p));
+    if (was_empty) wake(s);
+  }
+}
+
+void StreamTransport::build(Stream& s) {
+  Piece& p = s.cur;
+  PutOp& op = *p.fl->op;
+  Request& r = *op.req;
+  const uint8_t* src = r.region()->data();
+  size_t n = p.entries.size();
+  s.hdrs.clear();
+  s.hdrs.reserve(n + 1);  // iovecs point into hdrs: it must not reallocate
+  s.iov.clear();
+  s.iov_i = 0;
+  s.trailer.clear();
+  std::vector<uint32_t> started;
+  started.reserve(n);
+  std::vector<Extent> ext;
+  int64_t t0 = r.timing() ? now_ns() : 0;
+  for (uint32_t idx : p.entries) {
+    if (!r.start(idx)) continue;  // the request ended first: this entry was swept
+    r.set_start_time(idx, t0);
+    const IoEntry& e = r.entry(idx);
+    started.push_back(idx);
+    if (shm_) {
+      std::memcpy(p.map->base + e.file_offset, src + e.region_offset, static_cast<size_t>(e.length));
+      ext.push_back({op.dst.key, idx, static_cast<uint64_t>(e.file_offset), static_cast<uint64_t>(e.length)});
+    } else {
+      Frame w;
+      w.type = static_cast<uint16_t>(FrameType::kWrite);
+      w.key = op.dst.key;
+      w.aux = idx;
+      w.req = op.seq;
+      w.offset = static_cast<uint64_t>(e.file_offset);
+      w.length = static_cast<uint64_t>(e.length);
+      s.hdrs.push_back(w);
+      s.iov.push_back({&s.hdrs.back(), sizeof(Frame)});
+      if (e.length) s.iov.push_back({const_cast<uint8_t*>(src + e.region_offset), static_cast<size_t>(e.length)});
+    }
+  }
+  Frame end;
+  end.type = static_cast<uint16_t>(FrameType::kEnd);
+  end.req = op.seq;
+  end.aux = static_cast<uint32_t>(started.size());
+  end.offset = p.nstreams;
+  end.key = static_cast<uint32_t>(r.size());
+  if (p.primary) {
+    end.flags |= kEndPrimary;
+    if (op.has_notify) {
+      end.flags |= kEndNotify;
+      s.trailer = op.notify;
+      end.extra = op.notify.size();
+    }
+  }
+  if (shm_) {
+    end.flags |= kEndExtents;
+    size_t at = s.trailer.size();
+    s.trailer.resize(at + ext.size() * sizeof(Extent));
+    if (!ext.empty()) std::memcpy(s.trailer.data() + at, ext.data(), ext.size() * sizeof(Extent));
+  }
+  end.length = s.trailer.size();
+  s.hdrs.push_back(end);
+  s.iov.push_back({&s.hdrs.back(), sizeof(Frame)});
+  if (!s.trailer.empty()) s.iov.push_back({s.trailer.data(), s.trailer.size()});
+  std::lock_guard<std::mutex> lk(mu_);
+  auto& st = p.fl->started;
+  st.insert(st.end(), started.begin(), started.end());
+}
+
+int StreamTransport::flush(Stream& s) {
+  while (s.iov_i < s.iov.size()) {
+    int cnt = static_cast<int>(std::min<size_t>(s.iov.size() - s.iov_i, kIovMax));
+    msghdr mh{};
+    mh.msg_iov = s.iov.data() + s.iov_i;
+    mh.msg_iovlen = static_cast<size_t>(cnt);
+    ssize_t w = ::sendmsg(s.fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN) return 0;
+      return -errno;
+    }
+    s.last_progress = now_ns();
+    size_t left = static_cast<size_t>(w);
+    while (left > 0 && s.iov_i < s.iov.size()) {
+      iovec& v = s.iov[s.iov_i];
+      if (left >= v.iov_len) {
+        left -= v.iov_len;
+        ++s.iov_i;
+      } else {
+        v.iov_base = static_cast<uint8_t*>(v.iov_base) + left;
+        v.iov_len -= left;
+        left = 0;
+      }
+    }
+    while (s.iov_i < s.iov.size() && s.iov[s.iov_i].iov_len == 0) ++s.iov_i;
+  }
+  return 1;
+}
+
+int StreamTransport::read_frames(Stream& s) {
+  for (;;) {
+    if (s.rx_got < sizeof(Frame)) {
+      ssize_t n = ::recv(s.fd, reinterpret_cast<uint8_t*>(&s.rx) + s.rx_got, sizeof(Frame) - s.rx_got, MSG_DONTWAIT);
+      if (n == 0) return -ECONNRESET;
+      if (n < 0) return (errno == EAGAIN || errno == EINTR) ? 0 : -errno;
+      s.rx_got += static_cast<size_t>(n);
+      if (s.rx_got < sizeof(Frame)) continue;
+      if (s.rx.magic != kFrameMagic) return -EPROTO;
+      auto t = static_cast<FrameType>(s.rx.type);
+      uint64_t max = t == FrameType::kAck ? uint64_t{1 << 20} * sizeof(AckFailure) : 1024;
+      if ((t != FrameType::kAck && t != FrameType::kError) || s.rx.length > max) return -EPROTO;
+      if (t == FrameType::kAck && s.rx.length != uint64_t{s.rx.aux} * sizeof(AckFailure)) return -EPROTO;
+      s.rx_trailer.resize(static_cast<size_t>(s.rx.length));
+      s.rx_tgot = 0;
+    }
+    if (s.rx_tgot < s.rx_trailer.size()) {
+      ssize_t n = ::recv(s.fd, s.rx_trailer.data() + s.rx_tgot, s.rx_trailer.size() - s.rx_tgot, MSG_DONTWAIT);
+      if (n == 0) return -ECONNRESET;
+      if (n < 0) return (errno == EAGAIN || errno == EINTR) ? 0 : -errno;
+      s.rx_tgot += static_cast<size_t>(n);
+      if (s.rx_tgot < s.rx_trailer.size()) continue;
+    }
+    s.rx_got = 0;
+    if (static_cast<FrameType>(s.rx.type) == FrameType::kError) {
+      std::string msg(s.rx_trailer.begin(), s.rx_trailer.end());
+      int err = static_cast<int>(s.rx.aux);
+      fail(err > 0 && err < 4096 ? err : EPROTO, peer_ + " closed the connection: " + msg);
+      return -(err > 0 && err < 4096 ? err : EPROTO);
+    }
+    std::vector<AckFailure> fails(s.rx.aux);
+    if (!fails.empty()) std::memcpy(fails.data(), s.rx_trailer.data(), fails.size() * sizeof(AckFailure));
+    complete(s.rx.req, fails.data(), fails.size());
+  }
+}
+
+void StreamTransport::complete(uint64_t seq, const AckFailure* f, size_t n) {
+  std::shared_ptr<InFlight> fl;
+  std::vector<uint32_t> started;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = inflight_.find(seq);
+    if (it == inflight_.end()) return;  // already ended (deadline / cancel): nothing to finish
+    fl = it->second;
+    inflight_.erase(it);
+    started.swap(fl->started);
+    bump("requests_acked");
+    if (n) bump("entries_refused", static_cast<int64_t>(n));
+  }
+  Request& r = *fl->op->req;
+  std::unordered_map<uint32_t, int32_t> refused;
+  for (size_t i = 0; i < n; ++i) refused[f[i].entry] = f[i].status < 0 ? f[i].status : -EPROTO;
+  for (uint32_t idx : started) {
+    auto it = refused.find(idx);
+    int32_t st = it == refused.end() ? 0 : it->second;
+    r.finish(idx, st, st == 0 ? r.entry(idx).length : 0);
+  }
+}
+
+int64_t StreamTransport::reap() {
+  std::vector<std::shared_ptr<InFlight>> ended;
+  int64_t next = INT64_MAX;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto it = inflight_.begin(); it != inflight_.end();) {
+      Request& r = *it->second->op->req;
+      if (r.poll() != ReqState::kPending && it->second->sending == 0) {
+        ended.push_back(it->second);
+        it = inflight_.erase(it);
+        continue;
+      }
+      if (r.state() == ReqState::kPending) next = std::min(next, r.deadline_ns());
+      ++it;
+    }
+  }
+  for (auto& fl : ended) {
+    Request& r = *fl->op->req;
+    int32_t st = r.state() == ReqState::kCancelled ? -ECANCELED : -ETIMEDOUT;
+    std::vector<uint32_t> started;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      started.swap(fl->started);
+    }
+    // The bytes were written to the socket (or copied), but the peer has not confirmed them
+    // before the request ended: the entry's outcome is unknown, so it is not reported as done.
+    for (uint32_t idx : started) r.finish(idx, st, 0);
+  }
+  return next;
+}
+
+void StreamTransport::run(size_t k) {
+  Stream& s = *streams_[k];
+  int64_t next_deadline = INT64_MAX;
+  int64_t last_reap = 0;
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (stop_) break;
+      if (!s.busy && !s.q.empty()) {
+        s.cur = std::move(s.q.front());
+        s.q.pop_front();
+        s.busy = true;
+      }
+    }
+    bool progress = false;
+    if (s.busy && s.iov.empty()) {
+      build(s);
+      s.last_progress = now_ns();
+    }
+    if (s.busy) {
+      int r = flush(s);
+      if (r < 0) {
+        fail(-r, "sending to " + peer_ + ": " + errno_str(-r));
+        break;
+      }
+      if (r == 1) {
+        std::lock_guard<std::mutex> lk(mu_);
+        --s.cur.fl->sending;
+        s.cur = Piece();
+        s.busy = false;
+        s.iov.clear();
+        s.hdrs.clear();
+        progress = true;
+      }
+    }
+    int r = read_frames(s);
+    if (r < 0) {
+      fail(-r, r == -ECONNRESET ? peer_ + " closed the connection (the process exited or was killed)"
+                                : "receiving from " + peer_ + ": " + errno_str(-r));
+      break;
+    }
+    int64_t now = now_ns();
+    if (k == 0 && (now - last_reap > 2000000 || now >= next_deadline)) {
+      next_deadline = reap();
+      last_reap = now;
+    }
+    if (s.busy && s.iov_i < s.iov.size() && s.cur.fl->op->req->poll() != ReqState::kPending &&
+        now - s.last_progress > kStallResetNs) {
+      fail(ETIMEDOUT, peer_ + " stopped reading (stalled) while a request that had ended was half sent; "
+                      "the connection was reset");
+      break;
+    }
+    if (progress) continue;
+    int timeout_ms = 1000;
+    if (k == 0) {
+      std::lock_guard<std::mutex> lk(mu_);
+      if (!inflight_.empty()) timeout_ms = 10;
+    }
+    if (next_deadline != INT64_MAX)
+      timeout_ms = static_cast<int>(std::clamp<int64_t>((next_deadline - now) / 1000000 + 1, 0, timeout_ms));
+    if (s.busy) timeout_ms = std::min(timeout_ms, 50);
+    pollfd p[2] = {{s.fd, static_cast<short>(POLLIN | (s.busy ? POLLOUT : 0)), 0}, {s.wake, POLLIN, 0}};
+    ::poll(p, 2, timeout_ms);
+    if (p[1].revents & POLLIN) {
+      uint64_t v;
+      (void)!::read(s.wake, &v, sizeof v);
+    }
+  }
+  bool last;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    last = --live_ == 0;
+  }
+  if (last) finish_all();
+}
+
+void StreamTransport::fail(int err, const std::string& why) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (broken_.empty()) {
+      broken_ = why;
+      broken_err_ = err ? err : EIO;
+    }
+    stop_ = true;
+  }
+  for (auto& s : streams_) {
+    ::shutdown(s->fd, SHUT_RDWR);
+    wake(*s);
+  }
+}
+
+// Runs once, on the last stream thread to stop: no thread touches a source buffer any more.
+void StreamTransport::finish_all() {
+  std::vector<std::shared_ptr<InFlight>> all;
+  std::string why;
+  int err;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (finished_all_) return;
+    finished_all_ = true;
+    for (auto& kv : inflight_) all.push_back(kv.second);
+    inflight_.clear();
+    for (auto& s : streams_) s->q.clear();
+    why = broken_;
+    err = broken_err_;
+  }
+  for (auto& fl : all) {
+    Request& r = *fl->op->req;
+    r.set_detail(why);
+    std::vector<uint32_t> started;
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      started.swap(fl->started);
+    }
+    for (uint32_t idx : started) r.finish(idx, -err, 0);
+    // Entries queued but never started.
+    for (size_t i = 0; i < r.size(); ++i)
+      if (r.start(i)) r.finish(i, -err, 0);
+  }
+}
+
+void StreamTransport::shutdown(int err, const std::string& why) {
+  fail(err, why);
+  std::lock_guard<std::mutex> jl(map_mu_);  // serialises concurrent shutdowns' joins
+  if (joined_) return;
+  for (auto& s : streams_)
+    if (s->th.joinable() && s->th.get_id() != std::this_thread::get_id()) s->th.join();
+  joined_ = true;
+  finish_all();  // when no thread ever started
+  if (ctl_fd_ >= 0) {
+    ::close(ctl_fd_);
+    ctl_fd_ = -1;
+  }
+}
+
+}  // namespace
+
+std::shared_ptr<Transport> make_tcp_transport(Agent& local, const Metadata& remote, const ConnectOptions& o,
+                                              const std::string& peer_name) {
+  auto t = std::make_shared<StreamTransport>(false, peer_name);
+  t->open(local, remote, o);
+  return t;
+}
+
+std::shared_ptr<Transport> make_shm_transport(Agent& local, const Metadata& remote, const ConnectOptions& o,
+                                              const std::string& peer_name) {
+  auto t = std::make_shared<StreamTransport>(true, peer_name);
+  t->open(local, remote, o);
+  return t;
+}
+
+}  // namespace net
+}  // namespace dpmove
