@@ -8,11 +8,11 @@
 //              (re)creates its QP for that class, posts receives, moves it to RTR/RTS toward
 //              the sender and answers with its own QpWire. Sent at connect and after every
 //              queue-pair error (recovery).
-//   kOpResolve key = exposure key. Answer: offset = region size, flags = 1 when writable,
+//   kOpResolve req = exposure key. Answer: offset = region size, flags = 1 when writable,
 //              aux = number of ChunkWire records in the trailer (remote address and rkey of
 //              each registered chunk of the region), extra = errno (then the trailer is the
 //              message and there are no chunks).
-//   kOpNotify  one-way (no answer): aux = immediate value, key = traffic class, req = request
+//   kOpNotify  one-way (no answer): aux = immediate value, offset = traffic class, req = request
 //              sequence, trailer = the notification bytes. The receiver delivers them when the
 //              receive completion carrying that immediate arrives on that class's QP: RC
 //              executes a QP's WRs in order, so every earlier write of the request is in its
@@ -50,6 +50,7 @@
 // everything unfinished with ECONNRESET; IBV_WC_RETRY_EXC_ERR with EHOSTUNREACH; both leave
 // the transport broken() until the Peer reconnects.
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
@@ -277,7 +278,7 @@ int qp_init(VerbsApi& a, ibv_qp* qp, const Device& d, int access) {
 int qp_rtr(VerbsApi& a, ibv_qp* qp, const Device& d, const QpWire& r, int tc) {
   ibv_qp_attr at{};
   at.qp_state = IBV_QPS_RTR;
-  at.path_mtu = static_cast<ibv_mtu>(std::min<int>(d.pattr.active_mtu, r.mtu ? r.mtu : IBV_MTU_1024));
+  at.path_mtu = static_cast<ibv_mtu>(std::min<int>(d.pattr.active_mtu, r.mtu ? static_cast<int>(r.mtu) : static_cast<int>(IBV_MTU_1024)));
   at.dest_qp_num = r.qpn;
   at.rq_psn = r.psn;
   at.max_dest_rd_atomic = 1;
@@ -497,18 +498,19 @@ class Responder {
   // Registers the exposed region in chunks (remote write) once per key; every rkey covers
   // only bytes inside the exposure, so a sender can never reach memory around it.
   bool serve_resolve(const Frame& f) {
-    Exposure e = agent_.find(f.key);
+    const uint32_t key = static_cast<uint32_t>(f.req);
+    Exposure e = agent_.find(key);
     int err = 0;
     std::string msg;
     if (!e.region || e.region->closed()) {
       err = ENOENT;
-      msg = "no region is exposed under key " + std::to_string(f.key);
+      msg = "no region is exposed under key " + std::to_string(key);
     } else if (!e.writable || !e.region->writable()) {
       err = EACCES;
-      msg = "region " + std::to_string(f.key) + " is exposed read-only";
+      msg = "region " + std::to_string(key) + " is exposed read-only";
     }
     if (err) return reply(f, 0, 0, 0, static_cast<uint64_t>(err), msg.data(), msg.size());
-    auto it = regs_.find(f.key);
+    auto it = regs_.find(key);
     if (it == regs_.end() || it->second.region != e.region) {
       if (it != regs_.end()) drop_reg(it);
       Reg reg;
@@ -521,14 +523,14 @@ class Responder {
         if (!m) {
           err = errno ? errno : ENOMEM;
           for (ibv_mr* x : reg.mrs) api_.dereg_mr(x);
-          msg = "registering region " + std::to_string(f.key) + " (" + std::to_string(size) + " bytes) with " + dev_.name +
+          msg = "registering region " + std::to_string(key) + " (" + std::to_string(size) + " bytes) with " + dev_.name +
                 ": ibv_reg_mr: " + errstr(err) + (err == ENOMEM || err == EPERM ? " (RLIMIT_MEMLOCK?)" : "");
           return reply(f, 0, 0, 0, static_cast<uint64_t>(err), msg.data(), msg.size());
         }
         reg.mrs.push_back(m);
         reg.chunks.push_back(ChunkWire{off, len, reinterpret_cast<uintptr_t>(e.region->data() + off), m->rkey, 0});
       }
-      it = regs_.emplace(f.key, std::move(reg)).first;
+      it = regs_.emplace(key, std::move(reg)).first;
       agent_.count("verbs_regions_registered");
     }
     const Reg& reg = it->second;
@@ -550,14 +552,14 @@ class Responder {
   }
 
   bool serve_notify(const Frame& f, std::vector<uint8_t> data) {
-    if (f.key >= kNumClasses) return fail(EPROTO, "notification for traffic class " + std::to_string(f.key));
+    if (f.offset >= kNumClasses) return fail(EPROTO, "notification for traffic class " + std::to_string(f.offset));
     uint32_t imm = f.aux;
     auto a = arrived_.find(imm);
     if (a != arrived_.end()) {
       arrived_.erase(a);
       deliver(f.req, std::move(data));
     } else {
-      pending_[imm] = Pending{static_cast<int>(f.key), f.req, std::move(data)};
+      pending_[imm] = Pending{static_cast<int>(f.offset), f.req, std::move(data)};
     }
     return true;
   }
@@ -866,7 +868,8 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
   }
 
   // One request/answer on the control connection. Returns 0 or a positive errno with *why.
-  int rpc(const Frame& f, const void* t, size_t n, Frame* rep, std::vector<uint8_t>* rt, int64_t dl, std::string* why) {
+  int rpc(Frame f, const void* t, size_t n, Frame* rep, std::vector<uint8_t>* rt, int64_t dl, std::string* why) {
+    f.length = n;
     std::lock_guard<std::mutex> lk(ctrl_mu_);
     if (ctrl_fd_ < 0) {
       *why = "no control connection to " + peer_;
@@ -1050,6 +1053,7 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
       if (s->imm == 0) s->imm = ++imm_seq_;
     }
     int tc = std::max(0, std::min(kNumClasses - 1, op->traffic_class));
+    if (op->req->size() == 0 && !op->has_notify) return;
     advance(*s);
     if (s->cur == SIZE_MAX && op->req->size() > 0) {
       s->posting_done = true;  // nothing could start: the request is already terminal
@@ -1209,16 +1213,14 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
     f.type = static_cast<uint16_t>(FrameType::kCtrl);
     f.key = kOpNotify;
     f.aux = s.imm;
+    f.offset = static_cast<uint64_t>(tc);
     f.req = s.op->seq;
     f.length = s.op->notify.size();
     std::lock_guard<std::mutex> lk(ctrl_mu_);
     int r = send_frame(ctrl_fd_, f, s.op->notify.data(), s.op->notify.size(), now_ns() + kCtrlTimeoutNs);
     // On failure the immediate lands without its bytes and no notification is delivered; the
     // control connection is then gone and check_ctrl() breaks the transport.
-    if (r == 0) {
-      f.key = static_cast<uint32_t>(tc);  // (unused after send; keeps the frame honest in logs)
-      st_notes_++;
-    }
+    if (r == 0) st_notes_++;
   }
 
   // A WR is done (0) or failed (-errno): account it to its entry and finish the entry when
@@ -1252,6 +1254,9 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
       any = true;
       st_cqes_ += n;
       for (int i = 0; i < n; ++i) on_completion(wc[i]);
+      int64_t outstanding = 0;
+      for (auto& q : qps_) outstanding += static_cast<int64_t>(q.posted.size());
+      st_outstanding_.store(outstanding);
     }
   }
 
