@@ -831,8 +831,10 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
   struct Qp {
     ibv_qp* qp = nullptr;
     std::deque<WrRec> posted;  // in post order; front = oldest unretired
+    std::vector<WrRec> unposted;  // refused by a failed post_send; settled by recovery
     int since_signal = 0;      // unsignalled WRs posted since the last signalled one
     bool needs_recovery = false;
+    bool error_seen = false;  // an error completion of this incarnation was handled
     std::deque<std::shared_ptr<OpState>> ops;  // FIFO of ops on this class
   };
 
@@ -1132,14 +1134,16 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
           if (wrs[i].send_flags & IBV_SEND_SIGNALED) st_signalled_++;
           st_bytes_ += wrs[i].num_sge ? wrs[i].sg_list->length : 0;
         } else {
-          retire(recs[i], -r);
+          q.unposted.push_back(std::move(recs[i]));
         }
       }
       any = true;
       if (r) {
-        std::string msg = "ibv_post_send to " + peer_ + " (traffic class " + std::to_string(tc) + "): " + errstr(r);
-        for (size_t i = ok; i < n; ++i)
-          if (recs[i].op) recs[i].op->op->req->set_detail(msg);
+        // Usually the QP went to ERR under us: its error completion is already in the CQ,
+        // and the next drain tells whether the peer is gone (RETRY_EXC: fail everything) or
+        // the QP just needs recovery (these WRs then end as flushed).
+        if (last_error_.empty())
+          last_error_ = "ibv_post_send to " + peer_ + " (traffic class " + std::to_string(tc) + "): " + errstr(r);
         q.needs_recovery = true;
         return any;
       }
@@ -1278,14 +1282,16 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
       }
       return;
     }
+    // Flushes behind the first error of this incarnation: recovery settles those WRs.
+    if (q.error_seen) return;
+    q.error_seen = true;
     // The WRs before the failed one were executed (in-order completion); it failed; the HCA
-    // flushes the rest, which recovery settles.
+    // flushes the rest.
     while (!q.posted.empty() && q.posted.front().wr_id < wc.wr_id) {
       WrRec rec = std::move(q.posted.front());
       q.posted.pop_front();
       retire(rec, 0);
     }
-    if (q.needs_recovery) return;  // a flush after the first error: recovery settles it
     int e = wc_errno(wc.status);
     char vendor[32];
     std::snprintf(vendor, sizeof vendor, "vendor_err 0x%x", wc.vendor_err);
@@ -1320,6 +1326,11 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
       if (rec.op) rec.op->op->req->set_detail(msg);
       retire(rec, -ECANCELED);
     }
+    for (WrRec& rec : q.unposted) {
+      if (rec.op) rec.op->op->req->set_detail(msg);
+      retire(rec, -ECANCELED);
+    }
+    q.unposted.clear();
     q.since_signal = 0;
     for (auto& sp : q.ops) {
       OpState& s = *sp;
@@ -1343,6 +1354,8 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
       return;
     }
     q.needs_recovery = false;
+    q.error_seen = false;
+    last_error_.clear();
     st_recoveries_++;
   }
 
@@ -1399,6 +1412,11 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
         if (rec.op) rec.op->op->req->set_detail(why);
         retire(rec, -err);
       }
+      for (WrRec& rec : q.unposted) {
+        if (rec.op) rec.op->op->req->set_detail(why);
+        retire(rec, -err);
+      }
+      q.unposted.clear();
       for (auto& sp : q.ops) {
         OpState& s = *sp;
         s.op->req->set_detail(why);
