@@ -27,7 +27,10 @@
 // QP: RC completes in order. Slots of the send queue are counted as posted minus retired and
 // a chain is posted only when it fits, so the queue never overflows and never fills with
 // unsignalled WRs only (chain and signal_every are clamped to half the queue). The last WR of
-// a request that carries a notification is RDMA_WRITE_WITH_IMM.
+// a request that carries a notification is RDMA_WRITE_WITH_IMM. A request whose deadline passes
+// after all its WRs were posted may still have its notification delivered: every byte landed.
+// Entries not started when the request became terminal are never posted; to know whether a
+// WR is a request's last, the next entry is started (claimed) before the WR is posted.
 //
 // Work completion status -> entry errno (the entry whose WR failed; the WRs after it on the
 // QP are flushed by the HCA and their entries fail with ECANCELED):
@@ -328,14 +331,6 @@ int recv_trailer(int fd, const Frame& f, std::vector<uint8_t>* out, uint64_t cap
   return f.length ? recv_all(fd, out->data(), out->size(), dl) : 0;
 }
 
-// Waits up to timeout_ns for `fd` to be readable (or hung up). Returns >0 readable, 0 timeout.
-int wait_readable(int fd, int extra_fd, int64_t timeout_ns) {
-  pollfd p[2] = {{fd, POLLIN, 0}, {extra_fd, POLLIN, 0}};
-  timespec ts{static_cast<time_t>(timeout_ns / 1000000000), static_cast<long>(timeout_ns % 1000000000)};
-  int r = ppoll(p, extra_fd >= 0 ? 2 : 1, &ts, nullptr);
-  return r < 0 ? (errno == EINTR ? 0 : -errno) : r;
-}
-
 // =============================================================================================
 // Receiver
 // =============================================================================================
@@ -355,7 +350,16 @@ class Responder {
       send_error(fd_, -r, "verbs: this engine has no usable RDMA device: " + why);
       return;
     }
-    cq_ = api_.create_cq(dev_.ctx, kNumClasses * kRecvDepth + 64, nullptr, nullptr, 0);
+    // Hardware: sleep on a completion channel. The fake offers none: poll with backoff.
+    channel_ = api_.create_comp_channel(dev_.ctx);
+    if (channel_) {
+      int fl = fcntl(channel_->fd, F_GETFL);
+      if (fl < 0 || fcntl(channel_->fd, F_SETFL, fl | O_NONBLOCK) < 0) {
+        send_error(fd_, errno, "verbs: making the completion channel non-blocking: " + errstr(errno));
+        return;
+      }
+    }
+    cq_ = api_.create_cq(dev_.ctx, kNumClasses * kRecvDepth + 64, nullptr, channel_, 0);
     if (!cq_) {
       send_error(fd_, errno ? errno : ENOMEM, "verbs: ibv_create_cq on " + dev_.name + ": " + errstr(errno));
       return;
@@ -364,15 +368,31 @@ class Responder {
     int64_t idle_ns = 20000;
     for (;;) {
       bool busy = drain_cq();
-      int w = wait_readable(fd_, -1, busy ? 0 : idle_ns);
-      if (w < 0) return;
-      if (w > 0) {
-        if (!serve_frame()) return;
-        busy = true;
+      int64_t timeout = 0;
+      if (!busy && channel_) {
+        // Arm, then look once more: a completion that raced the arming is not slept through.
+        if (api_.req_notify_cq(cq_, 0) == 0 && drain_cq()) continue;
+        timeout = kExposureSweepNs;
+      } else if (!busy) {
+        // Back off from 20 us to 1 ms while idle, so notifications still arrive promptly.
+        timeout = idle_ns;
+        idle_ns = std::min<int64_t>(idle_ns * 2, 1000000);
+      } else {
+        idle_ns = 20000;
       }
-      // Polling without a completion channel (the fake, or hardware where none could be
-      // made): back off from 20 us to 1 ms while idle, so notifications arrive promptly.
-      idle_ns = busy ? 20000 : std::min<int64_t>(idle_ns * 2, 1000000);
+      pollfd p[2] = {{fd_, POLLIN, 0}, {channel_ ? channel_->fd : -1, POLLIN, 0}};
+      timespec ts{static_cast<time_t>(timeout / 1000000000), static_cast<long>(timeout % 1000000000)};
+      if (ppoll(p, 2, &ts, nullptr) < 0 && errno != EINTR) return;
+      if (channel_ && (p[1].revents & POLLIN)) {
+        ibv_cq* ev_cq;
+        void* ev_ctx;
+        while (api_.get_cq_event(channel_, &ev_cq, &ev_ctx) == 0) api_.ack_cq_events(ev_cq, 1);
+      }
+      // EOF, reset or Agent::close's shutdown() all make the socket readable.
+      if (p[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+        if (!serve_frame()) return;
+        idle_ns = 20000;
+      }
       if (now_ns() >= next_sweep) {
         sweep_exposures();
         next_sweep = now_ns() + kExposureSweepNs;
@@ -426,6 +446,8 @@ class Responder {
     regs_.clear();
     if (cq_) api_.destroy_cq(cq_);
     cq_ = nullptr;
+    if (channel_) api_.destroy_comp_channel(channel_);
+    channel_ = nullptr;
   }
 
   bool reply(const Frame& req, uint64_t offset, uint32_t aux, uint16_t flags, uint64_t extra, const void* t, size_t n) {
@@ -610,6 +632,7 @@ class Responder {
   HelloBody hello_;
   std::string client_name_;
   Device dev_;
+  ibv_comp_channel* channel_ = nullptr;
   ibv_cq* cq_ = nullptr;
   Qp qps_[kNumClasses];
   std::map<uint32_t, Reg> regs_;

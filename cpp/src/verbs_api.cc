@@ -51,20 +51,24 @@ namespace {
 class RealVerbs final : public VerbsApi {
  public:
   RealVerbs() {
-    // RTLD_LOCAL: the symbols stay private to these pointers; the provider libraries
-    // libibverbs loads later (libmlx5 ...) resolve against it on their own.
-    lib_ = dlopen("libibverbs.so.1", RTLD_NOW | RTLD_LOCAL);
+    // DPMOVE_LIBIBVERBS names another file (tests use a missing one to check the module
+    // without rdma-core). RTLD_LOCAL: the symbols stay private to these pointers; the provider
+    // libraries libibverbs loads later (libmlx5 ...) resolve against it on their own.
+    const char* env = std::getenv("DPMOVE_LIBIBVERBS");
+    const std::string name = env && *env ? env : "libibverbs.so.1";
+    lib_ = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
     if (!lib_) {
       const char* e = dlerror();
-      err_ = std::string("libibverbs.so.1 could not be loaded (Debian: apt-get install libibverbs1 ibverbs-providers): ") +
+      err_ = name + " could not be loaded (Debian: apt-get install libibverbs1 ibverbs-providers): " +
              (e ? e : "unknown dlopen error");
       return;
     }
+    lib_name_ = name;
     bool ok = true;
     auto sym = [&](auto& fn, const char* name) {
       void* p = dlsym(lib_, name);
       if (!p) {
-        if (ok) err_ = std::string("libibverbs.so.1 lacks ") + name;
+        if (ok) err_ = lib_name_ + " lacks " + name;
         ok = false;
       }
       fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(p);
@@ -161,6 +165,7 @@ class RealVerbs final : public VerbsApi {
     return nullptr;
   }
   void* lib_ = nullptr;
+  std::string lib_name_;
   std::string err_;
   ibv_device** (*get_device_list_)(int*) = nullptr;
   void (*free_device_list_)(ibv_device**) = nullptr;
