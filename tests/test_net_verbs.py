@@ -31,6 +31,7 @@ MiB = 1 << 20
 
 @pytest.fixture(autouse=True)
 def fake_hca() -> Iterator[None]:
+    prev = _core._verbs_provider()
     _core._verbs_set_provider("fake")
     _core._verbs_fake_reset()
     chunk = _core._verbs_chunk_bytes()
@@ -38,6 +39,7 @@ def fake_hca() -> Iterator[None]:
     _core._verbs_fake_stall(False)
     _core._verbs_set_chunk_bytes(chunk)
     _core._verbs_fake_reset()
+    _core._verbs_set_provider("fake" if prev == "fake" else "real")
 
 
 class Pair:

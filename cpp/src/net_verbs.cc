@@ -1528,6 +1528,20 @@ std::shared_ptr<Transport> make_verbs_transport(Agent& local, const Metadata& re
   return t;
 }
 
+std::vector<VerbsPort> verbs_local_ports() {
+  std::vector<VerbsPort> out;
+  Device d;
+  std::string why;
+  if (d.open(verbs::verbs_api(), &why) < 0) return out;
+  VerbsPort p;
+  p.device = d.name;
+  p.port = d.port;
+  p.lid = d.pattr.lid;
+  std::memcpy(p.gid.data(), d.gid.raw, 16);
+  out.push_back(std::move(p));
+  return out;
+}
+
 bool verbs_usable(std::string* why) {
   VerbsApi& a = verbs::verbs_api();
   Device d;
