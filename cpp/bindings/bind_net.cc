@@ -159,7 +159,7 @@ Created by Engine.connect(). The transport (shm, tcp or verbs) is fixed at conne
              int64_t t = seconds_to_ns(timeout_s, default_timeout, "timeout_s");
              const auto* rows = static_cast<const IoEntry*>(entries.data());
              size_t n = static_cast<size_t>(entries.shape(0));
-             if (n < 1024)
+             if (n < 1024 && p.prepared(h))
                return p.put(region, h, rows, n, note.data(), note.size(), has_note, t, timing, traffic_class);
              py::gil_scoped_release nogil;
              return p.put(region, h, rows, n, note.data(), note.size(), has_note, t, timing, traffic_class);

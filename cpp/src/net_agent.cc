@@ -64,16 +64,18 @@ std::string hostname() {
   return buf;
 }
 
-// Buffered reads of one inbound stream: frames and small payloads come through a bounded
-// buffer (one recv for many small writes), payloads of kDirectBytes or more are received
-// straight into their destination. This buffer is the only staging a payload passes through.
+// Buffered reads of one inbound stream. Frames and small payloads come through a bounded
+// buffer (one recv for many small writes). A payload of kDirectBytes or more is received with
+// recvmsg straight into its destination, followed by at most one frame header into the buffer,
+// so a large payload is never copied through the buffer and the next header costs no extra
+// call. This buffer is the only staging a payload passes through.
 class Reader {
  public:
   static constexpr size_t kBufBytes = 256 * 1024;
   static constexpr size_t kDirectBytes = 64 * 1024;
   explicit Reader(int fd) : fd_(fd), buf_(kBufBytes) {}
 
-  // Fills dst with the next n bytes. 0 or -errno (-ECONNRESET at EOF).
+  // Fills dst (null: discard) with the next n bytes. 0 or -errno (-ECONNRESET at EOF).
   int read(void* dst, uint64_t n) {
     auto* d = static_cast<uint8_t*>(dst);
     while (n > 0) {
@@ -87,37 +89,76 @@ class Reader {
         n -= k;
         continue;
       }
-      if (d && n >= kDirectBytes) return recv_all(fd_, d, static_cast<size_t>(n), INT64_MAX);
-      int r = fill();
+      int r;
+      if (d && n >= kDirectBytes) {
+        r = direct(d, n);
+      } else {
+        // While payloads are large, read no more than what is asked for (a header, a trailer):
+        // a full buffer would pull the next large payload through staging.
+        r = fill(big_ ? static_cast<size_t>(std::min<uint64_t>(std::max<uint64_t>(n, sizeof(Frame)), buf_.size()))
+                      : buf_.size());
+      }
       if (r < 0) return r;
     }
     return 0;
+  }
+  // A write's payload: remembers whether payloads are large (see read()).
+  int payload(void* dst, uint64_t n) {
+    big_ = n >= kDirectBytes;
+    return read(dst, n);
   }
   // Reads and throws away n bytes (a refused write's payload).
   int skip(uint64_t n) { return read(nullptr, n); }
 
  private:
-  int fill() {
+  static int wait_readable(int fd) {
+    pollfd p{fd, POLLIN, 0};
+    return ::poll(&p, 1, -1) < 0 && errno != EINTR ? -errno : 0;
+  }
+  int fill(size_t want) {
     pos_ = end_ = 0;
     for (;;) {
-      ssize_t r = ::recv(fd_, buf_.data(), buf_.size(), 0);
+      ssize_t r = ::recv(fd_, buf_.data(), want, 0);
       if (r > 0) {
         end_ = static_cast<size_t>(r);
         return 0;
       }
       if (r == 0) return -ECONNRESET;
       if (errno == EINTR) continue;
-      if (errno == EAGAIN) {
-        pollfd p{fd_, POLLIN, 0};
-        ::poll(&p, 1, -1);
-        continue;
+      if (errno != EAGAIN) return -errno;
+      int w = wait_readable(fd_);
+      if (w < 0) return w;
+    }
+  }
+  // Receives into d[0, n) and then up to one frame header into the (empty) buffer; advances d
+  // and n by what landed in d.
+  int direct(uint8_t*& d, uint64_t& n) {
+    pos_ = end_ = 0;
+    for (;;) {
+      iovec iov[2] = {{d, static_cast<size_t>(std::min<uint64_t>(n, size_t{1} << 30))}, {buf_.data(), sizeof(Frame)}};
+      msghdr mh{};
+      mh.msg_iov = iov;
+      mh.msg_iovlen = 2;
+      ssize_t r = ::recvmsg(fd_, &mh, 0);
+      if (r > 0) {
+        size_t got = static_cast<size_t>(r);
+        size_t into_d = std::min(got, iov[0].iov_len);
+        d += into_d;
+        n -= into_d;
+        end_ = got - into_d;
+        return 0;
       }
-      return -errno;
+      if (r == 0) return -ECONNRESET;
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN) return -errno;
+      int w = wait_readable(fd_);
+      if (w < 0) return w;
     }
   }
   int fd_;
   std::vector<uint8_t> buf_;
   size_t pos_ = 0, end_ = 0;
+  bool big_ = false;  // the last payload was received directly
 };
 
 // Why a (key, offset, length) write is refused, as -errno; 0 when allowed.
@@ -138,6 +179,9 @@ void Agent::set_control_handler(uint32_t channel, ControlHandler h) {
 
 Agent::Agent(NetOptions opts, std::function<uint64_t()> request_id)
     : opts_(std::move(opts)), request_id_(std::move(request_id)) {
+  for (const char* k : {"connections", "refused_connections", "bytes_received", "writes_refused", "requests_completed",
+                        "requests_failed", "notifications_delivered", "protocol_errors", "regions_mapped"})
+    stats_[k] = 0;
   meta_.engine_id = random_id();
   meta_.boot_id = local_boot_id();
   meta_.netns = local_netns();
@@ -261,10 +305,11 @@ void Agent::close() {
     (void)!::write(wake_fd_, &one, sizeof one);
   }
   if (acceptor_.joinable()) acceptor_.join();
+  std::map<uint32_t, Exposure> exposed;  // destroyed outside mu_ (see unexpose)
   {
     std::lock_guard<std::mutex> lk(mu_);
     conns.swap(conns_);
-    exposed_.clear();
+    exposed.swap(exposed_);
   }
   // Unblocks every connection thread (they sit in recv); then join them.
   for (auto& c : conns) ::shutdown(c->fd, SHUT_RDWR);
@@ -412,6 +457,8 @@ void Agent::serve_data(const std::shared_ptr<Conn>& self, const Frame& hello, co
   std::string violation;
   int64_t bytes_in = 0;
   Reader in(c.fd);
+  Exposure cached{nullptr, 0, false};  // the last key written, while expo_gen_ is unchanged
+  uint64_t cached_gen = 0;
   for (;;) {
     Frame f;
     int r = in.read(&f, sizeof f);
@@ -424,11 +471,15 @@ void Agent::serve_data(const std::shared_ptr<Conn>& self, const Frame& hello, co
     if (type == FrameType::kWrite && tcp) {
       if (open && f.req != cur) { violation = "write of request " + std::to_string(f.req) + " inside request " + std::to_string(cur); break; }
       if (!open) { open = true; cur = f.req; count_in = 0; failures.clear(); }
-      Exposure e = find(f.key);
+      if (!cached.region || cached.key != f.key || cached_gen != expo_gen_.load()) {
+        cached_gen = expo_gen_.load();
+        cached = find(f.key);
+      }
+      const Exposure& e = cached;
       int st = check_write(e, f.offset, f.length);
       if (st == 0) {
         // Payload lands straight in the exposed region; e.region keeps it alive meanwhile.
-        r = in.read(e.region->data() + f.offset, f.length);
+        r = in.payload(e.region->data() + f.offset, f.length);
         bytes_in += static_cast<int64_t>(f.length);
       } else {
         r = in.skip(f.length);
@@ -451,7 +502,7 @@ void Agent::serve_data(const std::shared_ptr<Conn>& self, const Frame& hello, co
         // shm: the sender already copied; check each extent it claims, so a sender that wrote
         // outside what we exposed never gets a notification delivered.
         const uint8_t* p = trailer.data() + f.extra;
-        Exposure e;
+        Exposure e{nullptr, 0, false};
         for (uint32_t i = 0; i < f.aux; ++i) {
           Extent x;
           std::memcpy(&x, p + size_t{i} * sizeof x, sizeof x);
@@ -556,6 +607,10 @@ void Agent::serve_map(Conn& c) {
     int fd = -1;
     if (!e.region) {
       ok.aux = ENOENT;
+    } else if (!e.writable) {
+      // A mapping cannot be made read-only for writes we would refuse only afterwards: an shm
+      // writer gets no access at all to a region exposed read-only.
+      ok.aux = EACCES;
     } else if (e.region->memory()->memfd() < 0) {
       ok.aux = EOPNOTSUPP;  // wrapped Python buffer: no memfd to share
     } else {
@@ -604,8 +659,16 @@ RemoteHandle Agent::expose(const std::shared_ptr<Region>& r, bool writable) {
 }
 
 bool Agent::unexpose(uint32_t key) {
+  // The Exposure is destroyed after the lock is released: dropping the last reference to a
+  // wrapped Python buffer takes the GIL, which a thread waiting for mu_ may hold.
+  Exposure gone{nullptr, key, false};
   std::lock_guard<std::mutex> lk(mu_);
-  return exposed_.erase(key) > 0;
+  auto it = exposed_.find(key);
+  if (it == exposed_.end()) return false;
+  gone = std::move(it->second);
+  exposed_.erase(it);
+  expo_gen_.fetch_add(1);
+  return true;
 }
 
 Exposure Agent::find(uint32_t key) const {

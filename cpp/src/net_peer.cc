@@ -85,6 +85,11 @@ std::string Peer::broken() const {
   return transport_ ? transport_->broken() : "not connected";
 }
 
+bool Peer::prepared(const RemoteHandle& dst) const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return !transport_ || transport_->prepared(dst);
+}
+
 std::map<std::string, int64_t> Peer::stats() const {
   std::lock_guard<std::mutex> lk(mu_);
   return transport_ ? transport_->stats() : std::map<std::string, int64_t>{};
@@ -153,6 +158,7 @@ std::shared_ptr<Request> Peer::put(const std::shared_ptr<Region>& src, const Rem
   if (has_notify) op->notify.assign(notify, notify + notify_len);
   op->has_notify = has_notify;
   op->traffic_class = traffic_class;
+  std::lock_guard<std::mutex> lk(post_mu_);
   op->seq = ++seq_;
   t->post(op);
   return req;

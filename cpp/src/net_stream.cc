@@ -69,7 +69,9 @@ struct Piece {
 
 class StreamTransport final : public Transport, public std::enable_shared_from_this<StreamTransport> {
  public:
-  StreamTransport(bool shm, std::string peer) : shm_(shm), peer_(std::move(peer)) {}
+  StreamTransport(bool shm, std::string peer) : shm_(shm), peer_(std::move(peer)) {
+    for (const char* k : {"requests_posted", "entries_posted", "requests_acked", "entries_refused"}) stats_[k] = 0;
+  }
   ~StreamTransport() override { shutdown(ECONNABORTED, "transport closed"); }
 
   // Connects every stream and the shm control connection, then starts the threads.
@@ -78,6 +80,11 @@ class StreamTransport final : public Transport, public std::enable_shared_from_t
   const char* name() const override { return shm_ ? "shm" : "tcp"; }
   void post(std::shared_ptr<PutOp> op) override;
   void prepare(const RemoteHandle& dst) override;
+  bool prepared(const RemoteHandle& dst) const override {
+    if (!shm_) return true;
+    std::lock_guard<std::mutex> lk(map_mu_);
+    return maps_.count(dst.key) > 0;
+  }
   void kick() override {
     if (!streams_.empty()) wake(*streams_[0]);
   }
@@ -112,6 +119,8 @@ class StreamTransport final : public Transport, public std::enable_shared_from_t
     size_t rx_got = 0;
     std::vector<uint8_t> rx_trailer;
     size_t rx_tgot = 0;
+    std::vector<uint8_t> rbuf = std::vector<uint8_t>(64 * 1024);
+    size_t rpos = 0, rend = 0;
     ~Stream() {
       if (fd >= 0) ::close(fd);
       if (wake >= 0) ::close(wake);
@@ -148,7 +157,7 @@ class StreamTransport final : public Transport, public std::enable_shared_from_t
 
   // shm
   int ctl_fd_ = -1;
-  std::mutex map_mu_;
+  mutable std::mutex map_mu_;
   std::unordered_map<uint32_t, std::shared_ptr<Mapping>> maps_;
 };
 
@@ -255,6 +264,8 @@ void StreamTransport::prepare(const RemoteHandle& dst) {
   if (ok.magic != kFrameMagic || ok.type != static_cast<uint16_t>(FrameType::kMapOk) || ok.key != dst.key)
     throw_sys(EPROTO, "shm: unexpected reply from " + peer_ + " to a map request");
   if (ok.aux == ENOENT) throw_sys(ENOENT, "shm: " + peer_ + " has no region " + std::to_string(dst.key) + " exposed (unexposed, or a stale handle)");
+  if (ok.aux == EACCES)
+    throw UnsupportedError(EACCES, "shm: region " + std::to_string(dst.key) + " of " + peer_ + " is exposed read-only");
   if (ok.aux == EOPNOTSUPP)
     throw UnsupportedError(EOPNOTSUPP, "shm: region " + std::to_string(dst.key) + " of " + peer_ +
                                            " is a registered Python buffer, which cannot be shared; expose a region from "
@@ -435,37 +446,47 @@ int StreamTransport::flush(Stream& s) {
 
 int StreamTransport::read_frames(Stream& s) {
   for (;;) {
-    if (s.rx_got < sizeof(Frame)) {
-      ssize_t n = ::recv(s.fd, reinterpret_cast<uint8_t*>(&s.rx) + s.rx_got, sizeof(Frame) - s.rx_got, MSG_DONTWAIT);
-      if (n == 0) return -ECONNRESET;
-      if (n < 0) return (errno == EAGAIN || errno == EINTR) ? 0 : -errno;
-      s.rx_got += static_cast<size_t>(n);
-      if (s.rx_got < sizeof(Frame)) continue;
-      if (s.rx.magic != kFrameMagic) return -EPROTO;
-      auto t = static_cast<FrameType>(s.rx.type);
-      uint64_t max = t == FrameType::kAck ? uint64_t{1 << 20} * sizeof(AckFailure) : 1024;
-      if ((t != FrameType::kAck && t != FrameType::kError) || s.rx.length > max) return -EPROTO;
-      if (t == FrameType::kAck && s.rx.length != uint64_t{s.rx.aux} * sizeof(AckFailure)) return -EPROTO;
-      s.rx_trailer.resize(static_cast<size_t>(s.rx.length));
-      s.rx_tgot = 0;
+    // Parse what is buffered: a frame header, then its trailer, then handle it.
+    while (s.rpos < s.rend) {
+      size_t avail = s.rend - s.rpos;
+      if (s.rx_got < sizeof(Frame)) {
+        size_t k = std::min(avail, sizeof(Frame) - s.rx_got);
+        std::memcpy(reinterpret_cast<uint8_t*>(&s.rx) + s.rx_got, s.rbuf.data() + s.rpos, k);
+        s.rx_got += k;
+        s.rpos += k;
+        if (s.rx_got < sizeof(Frame)) break;
+        if (s.rx.magic != kFrameMagic) return -EPROTO;
+        auto t = static_cast<FrameType>(s.rx.type);
+        uint64_t max = t == FrameType::kAck ? uint64_t{1 << 20} * sizeof(AckFailure) : 1024;
+        if ((t != FrameType::kAck && t != FrameType::kError) || s.rx.length > max) return -EPROTO;
+        if (t == FrameType::kAck && s.rx.length != uint64_t{s.rx.aux} * sizeof(AckFailure)) return -EPROTO;
+        s.rx_trailer.resize(static_cast<size_t>(s.rx.length));
+        s.rx_tgot = 0;
+      } else {
+        size_t k = std::min(avail, s.rx_trailer.size() - s.rx_tgot);
+        std::memcpy(s.rx_trailer.data() + s.rx_tgot, s.rbuf.data() + s.rpos, k);
+        s.rx_tgot += k;
+        s.rpos += k;
+      }
+      if (s.rx_got < sizeof(Frame) || s.rx_tgot < s.rx_trailer.size()) continue;
+      s.rx_got = 0;
+      if (static_cast<FrameType>(s.rx.type) == FrameType::kError) {
+        std::string msg(s.rx_trailer.begin(), s.rx_trailer.end());
+        int err = static_cast<int>(s.rx.aux);
+        err = err > 0 && err < 4096 ? err : EPROTO;
+        fail(err, peer_ + " closed the connection: " + msg);
+        return -err;
+      }
+      const auto* fails = reinterpret_cast<const AckFailure*>(s.rx_trailer.data());
+      std::vector<AckFailure> copy(fails, fails + s.rx.aux);  // rx_trailer is reused
+      complete(s.rx.req, copy.data(), copy.size());
     }
-    if (s.rx_tgot < s.rx_trailer.size()) {
-      ssize_t n = ::recv(s.fd, s.rx_trailer.data() + s.rx_tgot, s.rx_trailer.size() - s.rx_tgot, MSG_DONTWAIT);
-      if (n == 0) return -ECONNRESET;
-      if (n < 0) return (errno == EAGAIN || errno == EINTR) ? 0 : -errno;
-      s.rx_tgot += static_cast<size_t>(n);
-      if (s.rx_tgot < s.rx_trailer.size()) continue;
-    }
-    s.rx_got = 0;
-    if (static_cast<FrameType>(s.rx.type) == FrameType::kError) {
-      std::string msg(s.rx_trailer.begin(), s.rx_trailer.end());
-      int err = static_cast<int>(s.rx.aux);
-      fail(err > 0 && err < 4096 ? err : EPROTO, peer_ + " closed the connection: " + msg);
-      return -(err > 0 && err < 4096 ? err : EPROTO);
-    }
-    std::vector<AckFailure> fails(s.rx.aux);
-    if (!fails.empty()) std::memcpy(fails.data(), s.rx_trailer.data(), fails.size() * sizeof(AckFailure));
-    complete(s.rx.req, fails.data(), fails.size());
+    // Refill: one recv takes every ACK that has arrived.
+    ssize_t n = ::recv(s.fd, s.rbuf.data(), s.rbuf.size(), MSG_DONTWAIT);
+    if (n == 0) return -ECONNRESET;
+    if (n < 0) return (errno == EAGAIN || errno == EINTR) ? 0 : -errno;
+    s.rpos = 0;
+    s.rend = static_cast<size_t>(n);
   }
 }
 
@@ -545,7 +566,8 @@ void StreamTransport::run(size_t k) {
     if (s.busy) {
       int r = flush(s);
       if (r < 0) {
-        fail(-r, "sending to " + peer_ + ": " + errno_str(-r));
+        fail(-r, r == -EPIPE || r == -ECONNRESET ? peer_ + " closed the connection (the process exited or was killed): " + errno_str(-r)
+                                                  : "sending to " + peer_ + ": " + errno_str(-r));
         break;
       }
       if (r == 1) {
@@ -637,7 +659,10 @@ void StreamTransport::finish_all() {
       std::lock_guard<std::mutex> lk(mu_);
       started.swap(fl->started);
     }
-    for (uint32_t idx : started) r.finish(idx, -err, 0);
+    // A request that had already ended keeps the cause it ended with.
+    ReqState st = r.state();
+    int32_t code = st == ReqState::kCancelled ? -ECANCELED : st == ReqState::kTimedOut ? -ETIMEDOUT : -err;
+    for (uint32_t idx : started) r.finish(idx, code, 0);
     // Entries queued but never started.
     for (size_t i = 0; i < r.size(); ++i)
       if (r.start(i)) r.finish(i, -err, 0);

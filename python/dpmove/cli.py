@@ -1,4 +1,4 @@
-"""Command line: ``dpmove info`` and ``dpmove bench ssd``."""
+"""Command line: ``dpmove info``, ``dpmove bench ssd`` and ``dpmove bench net``."""
 
 from __future__ import annotations
 
@@ -41,9 +41,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     pb = sub.add_parser("bench", help="microbenchmarks")
     bsub = pb.add_subparsers(dest="bench", required=True)
-    from .bench import ssd
+    from .bench import net as bench_net, ssd
 
     ssd.add_parser(bsub)
+    bench_net.add_parser(bsub)
 
     args = p.parse_args(argv)
     try:

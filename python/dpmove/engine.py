@@ -60,7 +60,16 @@ def _check_python_ints(obj: Any, a: np.ndarray) -> None:
 def entries(file_offsets: Any, region_offsets: Any, lengths: Any) -> np.ndarray:
     """Builds an (N, 3) int64 batch from three columns; scalars broadcast."""
     raw = (file_offsets, region_offsets, lengths)
-    cols = np.broadcast_arrays(*(np.asarray(c) for c in raw))
+    arrs = [np.asarray(c) for c in raw]
+    # Fast path (a few microseconds): signed-integer columns of one length N, or scalars.
+    if all(a.dtype.kind == "i" and a.ndim <= 1 for a in arrs):
+        n = max(a.size for a in arrs)
+        if all(a.ndim == 0 or a.size == n for a in arrs):
+            out = np.empty((n, 3), dtype=np.int64)
+            for j, a in enumerate(arrs):
+                out[:, j] = a
+            return out
+    cols = np.broadcast_arrays(*arrs)
     for obj, c in zip(raw, cols):
         if c.size == 0:  # empty columns ([] is float64 in numpy) make an empty batch
             continue

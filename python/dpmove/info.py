@@ -16,8 +16,9 @@ def _limit(v: int) -> str:
 
 def info(path: Optional[str] = None) -> dict:
     """Returns a dict: version, kernel, each backend (compiled, usable, why), the backend an
-    ``Engine()`` picks here and why, RLIMIT_MEMLOCK (registered buffers count against it when
-    not root), and - when `path` is given - O_DIRECT support and alignment for that path."""
+    ``Engine()`` picks here and why, the transports for one-sided writes (verbs: whether
+    an RDMA device is usable and why not), RLIMIT_MEMLOCK (registered buffers count against it
+    when not root), and - when `path` is given - O_DIRECT support and alignment for that path."""
     uring = _core.probe_io_uring()
     out: dict = {
         "version": _core.__version__,
@@ -34,6 +35,12 @@ def info(path: Optional[str] = None) -> dict:
         eng.close()
     except Exception as exc:  # noqa: BLE001 - reported, not raised: info must always answer
         out["active"] = {"backend": "none", "reason": f"{type(exc).__name__}: {exc}"}
+    ok, why = _core.verbs_usable()
+    out["transports"] = {
+        "shm": {"usable": "yes", "reason": "memfd regions mapped by same-host, same-user peers; abstract unix socket"},
+        "tcp": {"usable": "yes", "reason": "listens on 127.0.0.1 by default (Engine(listen_host=...))"},
+        "verbs": {"usable": "yes" if ok else "no", "reason": why},
+    }
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     out["memlock"] = {"soft": _limit(soft), "hard": _limit(hard), "root": os.geteuid() == 0}
     if path is not None:

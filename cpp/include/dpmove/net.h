@@ -85,6 +85,8 @@ class Transport {
   // Validates that `dst` can be written through this transport before any byte moves
   // (e.g. shm maps the region here). Throws SysError / UsageError.
   virtual void prepare(const RemoteHandle& dst) {}
+  // True when prepare(dst) would return at once (nothing to set up for this key).
+  virtual bool prepared(const RemoteHandle& dst) const { return true; }
   // Wakes the progress thread (a request was cancelled).
   virtual void kick() {}
   // Fails everything unfinished with -err and `why`, stops threads. Idempotent.
@@ -109,6 +111,9 @@ class Peer : public std::enable_shared_from_this<Peer> {
   void close();
   bool closed() const noexcept { return closed_.load(); }
   std::string broken() const;
+  // Whether a put to `dst` can be posted without a set-up round trip (shm maps a region the
+  // first time it is written): callers keep the GIL only then.
+  bool prepared(const RemoteHandle& dst) const;
 
   const Metadata& remote() const noexcept { return remote_; }
   const char* transport_name() const;
@@ -122,7 +127,8 @@ class Peer : public std::enable_shared_from_this<Peer> {
   std::string chosen_;
   mutable std::mutex mu_;
   std::shared_ptr<Transport> transport_;
-  std::atomic<uint64_t> seq_{0};
+  std::mutex post_mu_;  // sequence numbers are posted in order (receivers see them ascending)
+  uint64_t seq_ = 0;
   std::atomic<bool> closed_{false};
 };
 
@@ -194,6 +200,8 @@ class Agent : public std::enable_shared_from_this<Agent> {
 
   mutable std::mutex mu_;  // exposures, conns, sessions, peers
   std::map<uint32_t, Exposure> exposed_;
+  // Bumped by every unexpose: a connection thread may reuse its last lookup while unchanged.
+  std::atomic<uint64_t> expo_gen_{0};
   uint32_t next_key_;
   std::vector<std::shared_ptr<Conn>> conns_;
   std::map<uint64_t, std::weak_ptr<Session>> sessions_;
