@@ -793,6 +793,12 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
     if (e) throw SysError(e, why);
   }
 
+  // A region is ready once resolved (its rkeys cached); the first put to it asks the peer.
+  bool prepared(const RemoteHandle& dst) const override {
+    std::lock_guard<std::mutex> lk(rmu_);
+    return resolved_.count(dst.key) > 0;
+  }
+
   void post(std::shared_ptr<PutOp> op) override {
     {
       std::lock_guard<std::mutex> lk(qmu_);
