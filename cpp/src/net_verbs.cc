@@ -490,6 +490,10 @@ class Responder {
     int tc = static_cast<int>(f.aux);
     QpWire peer;
     std::memcpy(&peer, t.data(), sizeof peer);
+    // The sender re-exchanges after its QP failed. Immediates that arrived before the failure
+    // may still sit in the CQ: match them to their notifications now, or the old QP's
+    // destruction would drop notifications of requests that fully succeeded.
+    drain_cq();
     destroy_qp(tc);
     ibv_qp_init_attr ia{};
     ia.send_cq = cq_;
