@@ -307,7 +307,7 @@ def test_shm_unexposed_before_mapping_raises(net_engines, rng):
     a, dst, h, b, p = pair(net_engines, "shm", 1, size=4096)
     src = b.alloc(4096)
     a.unexpose(h)
-    with pytest.raises(dpmove.Error, match="no region") as info:
+    with pytest.raises(dpmove.Error, match="no such region") as info:
         p.write(src, h, [(0, 0, 4096)], notify=b"x")
     assert info.value.errno == errno.ENOENT
     assert a.next_notification(timeout_s=0.1) is None

@@ -500,6 +500,10 @@ def test_raw_write_outside_bounds(raw_world):
         (frame(END, req=1, aux=0, offset=1, key=0, flags=END_NOTIFY, length=70000, extra=70000), "trailer"),
         (frame(END, req=1, aux=5, offset=1, key=5, length=0), "entry count"),
         (frame(END, req=1, flags=2, aux=0, offset=1, key=0, length=0), "extents"),
+        # A request claiming more streams than the session has could never complete: it would
+        # pin its notification in the receiver for the life of the connection.
+        (frame(END, req=1, flags=4 | END_NOTIFY, aux=0, offset=16, key=0, length=8, extra=8) + b"x" * 8, "exceeds"),
+        (frame(END, req=1, aux=0, offset=0, key=0, length=0), "exceeds"),
     ],
 )
 def test_raw_protocol_violations(raw_world, bad, what):

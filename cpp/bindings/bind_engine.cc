@@ -1,6 +1,8 @@
 #include <Python.h>
 
 #include <climits>
+#include <mutex>
+#include <vector>
 
 #include "common.h"
 #include "dpmove/engine.h"
@@ -11,9 +13,32 @@ namespace dpmove {
 
 namespace {
 
+// Views whose release waits for the GIL (see buffer_releaser).
+std::mutex g_release_mu;
+std::vector<Py_buffer*> g_release_queue;
+bool g_release_scheduled = false;
+
+// Runs in the main thread with the GIL (a pending call), or wherever the GIL is already held.
+int drain_releases(void*) {
+  std::vector<Py_buffer*> views;
+  {
+    std::lock_guard<std::mutex> lk(g_release_mu);
+    views.swap(g_release_queue);
+    g_release_scheduled = false;
+  }
+  for (Py_buffer* v : views) {
+    PyBuffer_Release(v);
+    delete v;
+  }
+  return 0;
+}
+
 // Release callback for memory exported by a Python object. Runs on whatever thread drops the
-// last reference (often a worker), so it takes the GIL itself; during interpreter shutdown it
-// leaks the view instead of touching a dying interpreter.
+// last reference. With the GIL held it releases at once. Elsewhere (a worker, a transport
+// thread) it must not wait for the GIL: the thread holding it may be waiting for this one
+// (joining it, or for a lock it holds), so the view is queued and released by a pending call
+// in the main thread. During interpreter shutdown the view is leaked instead of touching a
+// dying interpreter.
 std::function<void()> buffer_releaser(Py_buffer* view) {
   return [view] {
 #if PY_VERSION_HEX >= 0x030D0000
@@ -21,15 +46,29 @@ std::function<void()> buffer_releaser(Py_buffer* view) {
 #else
     if (!Py_IsInitialized() || _Py_IsFinalizing()) return;
 #endif
-    PyGILState_STATE g = PyGILState_Ensure();
-    PyBuffer_Release(view);
-    delete view;
-    PyGILState_Release(g);
+    if (PyGILState_Check()) {
+      PyBuffer_Release(view);
+      delete view;
+      return;
+    }
+    bool schedule;
+    {
+      std::lock_guard<std::mutex> lk(g_release_mu);
+      g_release_queue.push_back(view);
+      schedule = !g_release_scheduled;
+      g_release_scheduled = true;
+    }
+    // A full pending-call queue leaves the view queued; the next release schedules again.
+    if (schedule && Py_AddPendingCall(drain_releases, nullptr) != 0) {
+      std::lock_guard<std::mutex> lk(g_release_mu);
+      g_release_scheduled = false;
+    }
   };
 }
 
 std::shared_ptr<Region> register_object(Engine& e, py::handle obj, bool do_register) {
   if (py::isinstance<Region>(obj)) return obj.cast<std::shared_ptr<Region>>();
+  drain_releases(nullptr);  // views queued by other threads, while we hold the GIL
   auto* view = new Py_buffer;
   if (PyObject_GetBuffer(obj.ptr(), view, PyBUF_RECORDS_RO) != 0) {
     delete view;

@@ -13,6 +13,7 @@
 #include <cerrno>
 #include <climits>
 #include <cstring>
+#include <system_error>
 
 #include "dpmove/net.h"
 #include "dpmove/status.h"
@@ -48,8 +49,17 @@ struct Agent::Session {
     std::weak_ptr<Conn> primary;
   };
   std::map<uint64_t, Pending> pending;
+  uint64_t notify_bytes = 0;  // held by pending requests
   bool dead = false;
 };
+
+namespace {
+constexpr size_t kMaxPending = 65536;                   // unfinished requests per session
+constexpr uint64_t kMaxPendingNotify = 64ull << 20;     // their notification bytes
+constexpr size_t kMaxConnections = 1024;                // inbound, all peers together
+constexpr size_t kMaxNotifications = 1 << 20;           // queued, not yet taken
+constexpr uint64_t kMaxNotificationBytes = 256ull << 20;
+}  // namespace
 
 namespace {
 std::mutex g_handlers_mu;
@@ -180,7 +190,7 @@ void Agent::set_control_handler(uint32_t channel, ControlHandler h) {
 Agent::Agent(NetOptions opts, std::function<uint64_t()> request_id)
     : opts_(std::move(opts)), request_id_(std::move(request_id)) {
   for (const char* k : {"connections", "refused_connections", "bytes_received", "writes_refused", "requests_completed",
-                        "requests_failed", "notifications_delivered", "protocol_errors", "regions_mapped"})
+                        "requests_failed", "notifications_delivered", "notifications_dropped", "protocol_errors", "regions_mapped"})
     stats_[k] = 0;
   meta_.engine_id = random_id();
   meta_.boot_id = local_boot_id();
@@ -364,12 +374,23 @@ void Agent::accept_loop() {
       }
       std::lock_guard<std::mutex> lk(mu_);
       if (closed_.load()) return;
+      if (conns_.size() >= kMaxConnections) {
+        send_error(fd, EMFILE, "too many connections to this engine (" + std::to_string(kMaxConnections) + ")");
+        count("refused_connections");
+        continue;
+      }
+      try {
+        c->thread = std::thread([this, c] {
+          serve(c);
+          ::shutdown(c->fd, SHUT_RDWR);
+          c->done.store(true);
+        });
+      } catch (const std::system_error&) {
+        send_error(fd, EAGAIN, "cannot start a thread for this connection");
+        count("refused_connections");
+        continue;
+      }
       conns_.push_back(c);
-      c->thread = std::thread([this, c] {
-        serve(c);
-        ::shutdown(c->fd, SHUT_RDWR);
-        c->done.store(true);
-      });
     }
   }
 }
@@ -392,7 +413,7 @@ std::shared_ptr<Agent::Session> Agent::session(uint64_t id, const HelloBody& bod
 }
 
 void Agent::serve(std::shared_ptr<Conn> c) {
-  int64_t dl = now_ns() + int64_t{10} * 1000000000;
+  int64_t dl = now_ns() + int64_t{5} * 1000000000;  // a connection must say HELLO within 5 s
   Frame f;
   if (recv_frame(c->fd, &f, dl) < 0 || f.type != static_cast<uint16_t>(FrameType::kHello) || f.length != sizeof(HelloBody)) {
     count("refused_connections");
@@ -520,7 +541,10 @@ void Agent::serve_data(const std::shared_ptr<Conn>& self, const Frame& hello, co
       bytes_in = 0;
       std::vector<uint8_t> notify;
       if (f.flags & kEndNotify) notify.assign(trailer.begin(), trailer.begin() + static_cast<long>(f.extra));
-      end_request(*s, self, f, std::move(failures), std::move(notify));
+      if (!end_request(*s, self, f, std::move(failures), std::move(notify))) {
+        violation = "END of request " + std::to_string(f.req) + " exceeds the session's streams or pending limits";
+        break;
+      }
       failures.clear();
       open = false;
       count_in = 0;
@@ -532,6 +556,7 @@ void Agent::serve_data(const std::shared_ptr<Conn>& self, const Frame& hello, co
   count("bytes_received", bytes_in);
   if (!violation.empty()) {
     count("protocol_errors");
+    std::lock_guard<std::mutex> lk(c.wmu);  // another stream's thread may be sending an ACK here
     send_error(c.fd, EPROTO, "protocol violation: " + violation);
   }
   // A stream that ends leaves the session's open requests incomplete for good: drop them, so
@@ -541,12 +566,18 @@ void Agent::serve_data(const std::shared_ptr<Conn>& self, const Frame& hello, co
   s->pending.clear();
 }
 
-void Agent::end_request(Session& s, const std::shared_ptr<Conn>& c, const Frame& end, std::vector<AckFailure> failures,
+bool Agent::end_request(Session& s, const std::shared_ptr<Conn>& c, const Frame& end, std::vector<AckFailure> failures,
                         std::vector<uint8_t> notify) {
   Session::Pending done;
   {
     std::lock_guard<std::mutex> lk(s.mu);
-    if (s.dead) return;
+    if (s.dead) return true;
+    // What a sender may keep open is bounded: a request spans 1..streams streams, and a
+    // session holds at most kMaxPending unfinished requests and kMaxPendingNotify bytes of
+    // their notifications. Anything else is a protocol violation that closes the connection.
+    if (end.offset == 0 || end.offset > s.streams) return false;
+    if (!s.pending.count(end.req) && s.pending.size() >= kMaxPending) return false;
+    if ((end.flags & kEndNotify) && s.notify_bytes + notify.size() > kMaxPendingNotify) return false;
     auto& p = s.pending[end.req];
     if (p.ended == 0) {
       p.nstreams = static_cast<uint32_t>(std::min<uint64_t>(end.offset, UINT32_MAX));
@@ -559,11 +590,14 @@ void Agent::end_request(Session& s, const std::shared_ptr<Conn>& c, const Frame&
       p.failures.push_back({0, -EPROTO});
     if (end.flags & kEndPrimary) {
       p.primary = c;
+      if (p.has_notify) s.notify_bytes -= p.notify.size();  // a second primary END: replaced
       p.has_notify = end.flags & kEndNotify;
       p.notify = std::move(notify);
+      s.notify_bytes += p.notify.size();
     }
-    if (p.ended < p.nstreams) return;
+    if (p.ended < p.nstreams) return true;
     done = std::move(p);
+    s.notify_bytes -= done.notify.size();
     s.pending.erase(end.req);
   }
   bool complete = done.failures.empty() && done.seen == done.total;
@@ -574,12 +608,17 @@ void Agent::end_request(Session& s, const std::shared_ptr<Conn>& c, const Frame&
     n.sender = s.sender;
     n.data = std::move(done.notify);
     n.request = end.req;
-    deliver(std::move(n));
-    delivered = true;
+    delivered = deliver(std::move(n));
+    if (!delivered) {
+      // The application is not taking notifications: the data landed, but the request fails
+      // (ENOBUFS) rather than losing its notification silently.
+      done.failures.push_back({0, -ENOBUFS});
+      complete = false;
+    }
   }
   count(complete ? "requests_completed" : "requests_failed");
   auto primary = done.primary.lock();
-  if (!primary) return;
+  if (!primary) return true;
   Frame ack;
   ack.type = static_cast<uint16_t>(FrameType::kAck);
   ack.req = end.req;
@@ -589,6 +628,7 @@ void Agent::end_request(Session& s, const std::shared_ptr<Conn>& c, const Frame&
   std::lock_guard<std::mutex> lk(primary->wmu);
   if (send_frame(primary->fd, ack, done.failures.data(), static_cast<size_t>(ack.length), now_ns() + int64_t{10} * 1000000000) < 0)
     ::shutdown(primary->fd, SHUT_RDWR);
+  return true;
 }
 
 void Agent::serve_map(Conn& c) {
@@ -699,6 +739,7 @@ bool Agent::next_notification(Notification* out, int64_t timeout_ns) {
     if (!notes_.empty()) {
       *out = std::move(notes_.front());
       notes_.pop_front();
+      note_bytes_ -= out->data.size();
       return true;
     }
     if (closed_.load()) return false;
@@ -708,13 +749,19 @@ bool Agent::next_notification(Notification* out, int64_t timeout_ns) {
   }
 }
 
-void Agent::deliver(Notification n) {
+bool Agent::deliver(Notification n) {
   {
     std::lock_guard<std::mutex> lk(nmu_);
+    if (notes_.size() >= kMaxNotifications || note_bytes_ + n.data.size() > kMaxNotificationBytes) {
+      count("notifications_dropped");
+      return false;
+    }
+    note_bytes_ += n.data.size();
     notes_.push_back(std::move(n));
   }
   ncv_.notify_one();
   count("notifications_delivered");
+  return true;
 }
 
 size_t Agent::pending_notifications() const {
@@ -726,10 +773,16 @@ std::shared_ptr<Peer> Agent::connect(const Metadata& m, const ConnectOptions& o)
   if (closed_.load()) throw ClosedError("Engine is closed");
   auto p = std::make_shared<Peer>(shared_from_this(), m, o);
   p->connect();
-  std::lock_guard<std::mutex> lk(mu_);
-  for (auto it = peers_.begin(); it != peers_.end();) it = it->expired() ? peers_.erase(it) : std::next(it);
-  peers_.push_back(p);
-  return p;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (!closed_.load()) {
+      for (auto it = peers_.begin(); it != peers_.end();) it = it->expired() ? peers_.erase(it) : std::next(it);
+      peers_.push_back(p);
+      return p;
+    }
+  }
+  p->close();  // close() ran while we connected: it could not see this peer
+  throw ClosedError("Engine was closed while connecting");
 }
 
 std::map<std::string, int64_t> Agent::stats() const {

@@ -38,13 +38,19 @@ Peer::~Peer() { close(); }
 std::string Peer::name() const { return "peer " + remote_.describe(); }
 
 void Peer::connect() {
-  std::lock_guard<std::mutex> lk(mu_);
-  if (closed_.load()) throw ClosedError("Peer is closed");
-  if (local_->closed()) throw ClosedError("Engine is closed");
-  if (transport_) {
-    transport_->shutdown(ECONNABORTED, "reconnecting");
-    transport_.reset();
+  // Dialing and shutting down the old transport (which joins its threads) happen outside mu_:
+  // mu_ guards only the pointer, so broken(), stats(), put() never wait for the network.
+  // connect_mu_ serialises connects; it is only ever taken without the GIL.
+  std::lock_guard<std::mutex> ck(connect_mu_);
+  std::shared_ptr<Transport> old;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (closed_.load()) throw ClosedError("Peer is closed");
+    old.swap(transport_);
   }
+  if (local_->closed()) throw ClosedError("Engine is closed");
+  if (old) old->shutdown(ECONNABORTED, "reconnecting");
+  old.reset();
   // shm needs the same kernel, the same network namespace (abstract unix sockets live in one)
   // and the same user (the receiver accepts only its own uid).
   bool same_host = remote_.boot_id == local_boot_id() && remote_.netns == local_netns() && !remote_.unix_name.empty() &&
@@ -65,13 +71,23 @@ void Peer::connect() {
   if ((t == "tcp" || t == "verbs") && remote_.tcp.empty())
     throw UnsupportedError(EDESTADDRREQ, name() + " advertises no tcp endpoint");
   std::string pname = name();
+  std::shared_ptr<Transport> fresh;
   if (t == "shm")
-    transport_ = make_shm_transport(*local_, remote_, opts_, pname);
+    fresh = make_shm_transport(*local_, remote_, opts_, pname);
   else if (t == "tcp")
-    transport_ = make_tcp_transport(*local_, remote_, opts_, pname);
+    fresh = make_tcp_transport(*local_, remote_, opts_, pname);
   else
-    transport_ = make_verbs_transport(*local_, remote_, opts_, pname);
-  chosen_ = t;
+    fresh = make_verbs_transport(*local_, remote_, opts_, pname);
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (!closed_.load()) {
+      transport_ = fresh;
+      chosen_ = t;
+      return;
+    }
+  }
+  fresh->shutdown(ECONNABORTED, "the peer was closed while connecting");
+  throw ClosedError("Peer was closed while connecting");
 }
 
 const char* Peer::transport_name() const {

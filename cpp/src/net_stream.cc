@@ -15,7 +15,9 @@
 // Threads: one per stream, non-blocking socket + poll(), woken by an eventfd on post() and
 // cancel. Stream 0's thread also applies deadlines (reap()).
 #include <poll.h>
+#include <fcntl.h>
 #include <sys/eventfd.h>
+#include <sys/stat.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -57,6 +59,8 @@ struct InFlight {
   std::shared_ptr<PutOp> op;
   std::vector<uint32_t> started;  // entries handed to a stream (guarded by the transport's mu_)
   int sending = 0;                // pieces not yet fully written (guarded by mu_)
+  bool acked = false;             // the receiver's ACK arrived (guarded by mu_)
+  std::vector<AckFailure> ack;    // its refusals
 };
 
 struct Piece {
@@ -108,9 +112,9 @@ class StreamTransport final : public Transport, public std::enable_shared_from_t
     std::deque<Piece> q;  // guarded by mu_
     // tx: the piece being written, its frames and the iovecs still to write.
     bool busy = false;
-    Piece cur;
+    std::vector<Piece> cur;  // pieces written together (one sendmsg for many small requests)
     std::vector<Frame> hdrs;
-    std::vector<uint8_t> trailer;
+    std::vector<std::vector<uint8_t>> trailers;
     std::vector<iovec> iov;
     size_t iov_i = 0;
     int64_t last_progress = 0;
@@ -133,9 +137,11 @@ class StreamTransport final : public Transport, public std::enable_shared_from_t
   }
   void run(size_t k);
   void build(Stream& s);
+  void build_piece(Stream& s, Piece& p);
   int flush(Stream& s);          // 1 piece fully written, 0 would block, <0 -errno
   int read_frames(Stream& s);    // 0 or -errno
   void complete(uint64_t seq, const AckFailure* f, size_t n);
+  void finish_acked(InFlight& fl);
   int64_t reap();                // returns the earliest pending deadline
   void fail(int err, const std::string& why);
   void finish_all();
@@ -155,9 +161,12 @@ class StreamTransport final : public Transport, public std::enable_shared_from_t
   bool joined_ = false;
   uint64_t rr_ = 0;
 
+  std::mutex join_mu_;  // serialises shutdown()'s joins
+
   // shm
   int ctl_fd_ = -1;
-  mutable std::mutex map_mu_;
+  std::mutex ctl_mu_;          // one map exchange at a time; held across its network I/O
+  mutable std::mutex map_mu_;  // maps_ only; never held across I/O
   std::unordered_map<uint32_t, std::shared_ptr<Mapping>> maps_;
 };
 
@@ -220,18 +229,38 @@ void StreamTransport::open(Agent& local, const Metadata& remote, const ConnectOp
 
 void StreamTransport::prepare(const RemoteHandle& dst) {
   if (!shm_) return;
-  std::lock_guard<std::mutex> lk(map_mu_);
-  if (maps_.count(dst.key)) return;
+  std::lock_guard<std::mutex> xk(ctl_mu_);  // one map exchange at a time on the control channel
+  {
+    std::lock_guard<std::mutex> lk(map_mu_);
+    if (maps_.count(dst.key)) return;
+  }
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (stop_) throw SysError(broken_err_, peer_ + " is disconnected (" + broken_ + ")");
+  }
+  std::string what = "shm: mapping region " + std::to_string(dst.key) + " of " + peer_;
+  // Any failure of the exchange itself leaves the channel out of step (a late reply would
+  // answer the next request), so it breaks the transport; refusals keep it usable.
+  auto broken = [&](int err, const std::string& why) {
+    fail(err, what + ": " + why);
+    throw_sys(err, what + ": " + why);
+  };
   int64_t dl = now_ns() + int64_t{10} * 1000000000;
   Frame f;
   f.type = static_cast<uint16_t>(FrameType::kMap);
   f.key = dst.key;
   int r = send_frame(ctl_fd_, f, nullptr, 0, dl);
-  if (r < 0) throw_sys(-r, "shm: asking " + peer_ + " for region " + std::to_string(dst.key));
+  if (r < 0) broken(-r, "sending the request: " + errno_str(-r));
   // The reply frame carries the memfd as SCM_RIGHTS on its first byte.
   Frame ok;
-  alignas(cmsghdr) char ctl[CMSG_SPACE(sizeof(int))];
+  alignas(cmsghdr) char ctl[CMSG_SPACE(sizeof(int) * 4)];
   int fd = -1;
+  struct FdGuard {
+    int& fd;
+    ~FdGuard() {
+      if (fd >= 0) ::close(fd);
+    }
+  } guard{fd};
   size_t got = 0;
   while (got < sizeof ok) {
     msghdr mh{};
@@ -242,38 +271,45 @@ void StreamTransport::prepare(const RemoteHandle& dst) {
     mh.msg_controllen = sizeof ctl;
     ssize_t n = ::recvmsg(ctl_fd_, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
     if (n > 0) {
-      for (cmsghdr* cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
-        if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && fd < 0) std::memcpy(&fd, CMSG_DATA(cm), sizeof fd);
+      for (cmsghdr* cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm)) {
+        if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS) continue;
+        size_t nfd = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < nfd; ++i) {
+          int x;
+          std::memcpy(&x, CMSG_DATA(cm) + i * sizeof(int), sizeof x);
+          if (fd < 0) fd = x; else ::close(x);  // one fd expected; never leak extras
+        }
+      }
+      if (mh.msg_flags & MSG_CTRUNC) broken(EPROTO, "the reply carried more descriptors than expected");
       got += static_cast<size_t>(n);
       continue;
     }
-    if (n == 0) throw_sys(ECONNRESET, "shm: " + peer_ + " closed the control connection");
+    if (n == 0) broken(ECONNRESET, "the peer closed the control connection");
     if (errno == EINTR) continue;
-    if (errno != EAGAIN) throw_sys(errno, "shm: reading the map reply of " + peer_);
+    if (errno != EAGAIN) broken(errno, "reading the reply: " + errno_str(errno));
     pollfd p{ctl_fd_, POLLIN, 0};
     int64_t left = dl - now_ns();
-    if (left <= 0) throw_sys(ETIMEDOUT, "shm: " + peer_ + " did not answer the map request");
+    if (left <= 0) broken(ETIMEDOUT, "no reply within 10 s (the peer is stalled?)");
     ::poll(&p, 1, static_cast<int>(left / 1000000 + 1));
   }
-  struct FdGuard {
-    int fd;
-    ~FdGuard() {
-      if (fd >= 0) ::close(fd);
-    }
-  } guard{fd};
   if (ok.magic != kFrameMagic || ok.type != static_cast<uint16_t>(FrameType::kMapOk) || ok.key != dst.key)
-    throw_sys(EPROTO, "shm: unexpected reply from " + peer_ + " to a map request");
-  if (ok.aux == ENOENT) throw_sys(ENOENT, "shm: " + peer_ + " has no region " + std::to_string(dst.key) + " exposed (unexposed, or a stale handle)");
-  if (ok.aux == EACCES)
-    throw UnsupportedError(EACCES, "shm: region " + std::to_string(dst.key) + " of " + peer_ + " is exposed read-only");
+    broken(EPROTO, "unexpected reply");
+  if (ok.aux == ENOENT) throw_sys(ENOENT, what + ": it has no such region exposed (unexposed, or a stale handle)");
+  if (ok.aux == EACCES) throw UnsupportedError(EACCES, what + ": the region is exposed read-only");
   if (ok.aux == EOPNOTSUPP)
-    throw UnsupportedError(EOPNOTSUPP, "shm: region " + std::to_string(dst.key) + " of " + peer_ +
-                                           " is a registered Python buffer, which cannot be shared; expose a region from "
-                                           "Engine.alloc() or connect with transport='tcp'");
-  if (ok.aux != 0 || fd < 0) throw_sys(ok.aux ? static_cast<int>(ok.aux) : EPROTO, "shm: mapping region " + std::to_string(dst.key) + " of " + peer_);
+    throw UnsupportedError(EOPNOTSUPP, what + ": it is a registered Python buffer, which cannot be shared; expose a region "
+                                              "from Engine.alloc() or connect with transport='tcp'");
+  if (ok.aux != 0 || fd < 0) broken(ok.aux ? static_cast<int>(ok.aux) : EPROTO, "refused without a reason");
   if (ok.length != dst.size || ok.offset > ok.extra || ok.length > ok.extra - ok.offset)
-    throw_sys(EPROTO, "shm: " + peer_ + " describes region " + std::to_string(dst.key) + " as " + std::to_string(ok.length) +
-                          " bytes, the handle says " + std::to_string(dst.size));
+    throw_sys(EPROTO, what + ": the peer describes it as " + std::to_string(ok.length) + " bytes, the handle says " +
+                          std::to_string(dst.size));
+  // The memfd must really hold the range and be sealed against shrinking: a peer that shrank
+  // it under our mapping would turn our copies into SIGBUS.
+  struct stat st;
+  int seals = fcntl(fd, F_GET_SEALS);
+  if (fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) < ok.offset + ok.length)
+    throw_sys(EPROTO, what + ": the shared memory is smaller than the region");
+  if (seals < 0 || !(seals & F_SEAL_SHRINK)) throw_sys(EPROTO, what + ": the shared memory is not sealed against shrinking");
   auto m = std::make_shared<Mapping>();
   size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
   size_t start = static_cast<size_t>(ok.offset) / page * page;
@@ -281,9 +317,10 @@ void StreamTransport::prepare(const RemoteHandle& dst) {
   m->map_len = std::max<size_t>(end - start, 1);
   // MAP_POPULATE: fault the page tables in now, not on the first copy of each page.
   m->map = mmap(nullptr, m->map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd, static_cast<off_t>(start));
-  if (m->map == MAP_FAILED) throw_sys(errno, "shm: mmap of region " + std::to_string(dst.key) + " of " + peer_);
+  if (m->map == MAP_FAILED) throw_sys(errno, what + ": mmap");
   m->base = static_cast<uint8_t*>(m->map) + (ok.offset - start);
   m->size = ok.length;
+  std::lock_guard<std::mutex> lk(map_mu_);
   maps_[dst.key] = m;
 }
 
@@ -350,16 +387,22 @@ void StreamTransport::post(std::shared_ptr<PutOp> op) {
 }
 
 void StreamTransport::build(Stream& s) {
-  Piece& p = s.cur;
+  size_t total = 0;
+  for (const Piece& p : s.cur) total += p.entries.size();
+  s.hdrs.clear();
+  s.hdrs.reserve(total + s.cur.size());  // iovecs point into hdrs: it must not reallocate
+  s.trailers.clear();
+  s.trailers.reserve(s.cur.size());  // nor may trailers' buffers move
+  s.iov.clear();
+  s.iov_i = 0;
+  for (Piece& p : s.cur) build_piece(s, p);
+}
+
+void StreamTransport::build_piece(Stream& s, Piece& p) {
   PutOp& op = *p.fl->op;
   Request& r = *op.req;
   const uint8_t* src = r.region()->data();
   size_t n = p.entries.size();
-  s.hdrs.clear();
-  s.hdrs.reserve(n + 1);  // iovecs point into hdrs: it must not reallocate
-  s.iov.clear();
-  s.iov_i = 0;
-  s.trailer.clear();
   std::vector<uint32_t> started;
   started.reserve(n);
   std::vector<Extent> ext;
@@ -391,24 +434,26 @@ void StreamTransport::build(Stream& s) {
   end.aux = static_cast<uint32_t>(started.size());
   end.offset = p.nstreams;
   end.key = static_cast<uint32_t>(r.size());
+  s.trailers.emplace_back();
+  std::vector<uint8_t>& trailer = s.trailers.back();
   if (p.primary) {
     end.flags |= kEndPrimary;
     if (op.has_notify) {
       end.flags |= kEndNotify;
-      s.trailer = op.notify;
+      trailer = op.notify;
       end.extra = op.notify.size();
     }
   }
   if (shm_) {
     end.flags |= kEndExtents;
-    size_t at = s.trailer.size();
-    s.trailer.resize(at + ext.size() * sizeof(Extent));
-    if (!ext.empty()) std::memcpy(s.trailer.data() + at, ext.data(), ext.size() * sizeof(Extent));
+    size_t at = trailer.size();
+    trailer.resize(at + ext.size() * sizeof(Extent));
+    if (!ext.empty()) std::memcpy(trailer.data() + at, ext.data(), ext.size() * sizeof(Extent));
   }
-  end.length = s.trailer.size();
+  end.length = trailer.size();
   s.hdrs.push_back(end);
   s.iov.push_back({&s.hdrs.back(), sizeof(Frame)});
-  if (!s.trailer.empty()) s.iov.push_back({s.trailer.data(), s.trailer.size()});
+  if (!trailer.empty()) s.iov.push_back({trailer.data(), trailer.size()});
   std::lock_guard<std::mutex> lk(mu_);
   auto& st = p.fl->started;
   st.insert(st.end(), started.begin(), started.end());
@@ -492,20 +537,43 @@ int StreamTransport::read_frames(Stream& s) {
 
 void StreamTransport::complete(uint64_t seq, const AckFailure* f, size_t n) {
   std::shared_ptr<InFlight> fl;
-  std::vector<uint32_t> started;
   {
     std::lock_guard<std::mutex> lk(mu_);
     auto it = inflight_.find(seq);
     if (it == inflight_.end()) return;  // already ended (deadline / cancel): nothing to finish
     fl = it->second;
-    inflight_.erase(it);
-    started.swap(fl->started);
     bump("requests_acked");
     if (n) bump("entries_refused", static_cast<int64_t>(n));
+    fl->ack.assign(f, f + n);
+    fl->acked = true;
+    // Another stream's thread may not have recorded yet that its piece went out (its sendmsg
+    // returned, the receiver answered first); a hostile receiver may even ACK before. The
+    // entries are finished by whoever sees both: the ACK and no piece still sending.
+    if (fl->sending > 0) return;
+    inflight_.erase(it);
   }
-  Request& r = *fl->op->req;
+  finish_acked(*fl);
+}
+
+void StreamTransport::finish_acked(InFlight& fl) {
+  std::vector<uint32_t> started;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    started.swap(fl.started);
+  }
+  Request& r = *fl.op->req;
   std::unordered_map<uint32_t, int32_t> refused;
-  for (size_t i = 0; i < n; ++i) refused[f[i].entry] = f[i].status < 0 ? f[i].status : -EPROTO;
+  bool unmap = false;
+  for (const AckFailure& a : fl.ack) {
+    refused[a.entry] = a.status < 0 ? a.status : -EPROTO;
+    unmap = unmap || a.status == -ENOENT;
+  }
+  if (shm_ && unmap) {
+    // The receiver no longer exposes the region: forget our mapping, so the next write asks
+    // again and is refused before it copies anything.
+    std::lock_guard<std::mutex> lk(map_mu_);
+    maps_.erase(fl.op->dst.key);
+  }
   for (uint32_t idx : started) {
     auto it = refused.find(idx);
     int32_t st = it == refused.end() ? 0 : it->second;
@@ -553,8 +621,15 @@ void StreamTransport::run(size_t k) {
       std::lock_guard<std::mutex> lk(mu_);
       if (stop_) break;
       if (!s.busy && !s.q.empty()) {
-        s.cur = std::move(s.q.front());
-        s.q.pop_front();
+        // Several queued pieces go out in one sendmsg; bounded so a batch stays a few MiB of
+        // headers and extents at most.
+        size_t entries = 0;
+        s.cur.clear();
+        while (!s.q.empty() && s.cur.size() < 64 && entries < 8192) {
+          entries += s.q.front().entries.size();
+          s.cur.push_back(std::move(s.q.front()));
+          s.q.pop_front();
+        }
         s.busy = true;
       }
     }
@@ -571,10 +646,17 @@ void StreamTransport::run(size_t k) {
         break;
       }
       if (r == 1) {
-        std::lock_guard<std::mutex> lk(mu_);
-        --s.cur.fl->sending;
-        s.cur = Piece();
-        s.busy = false;
+        std::vector<std::shared_ptr<InFlight>> acked;  // ACKed while this batch was going out
+        std::vector<Piece> done;  // destroyed after the lock: may drop the last request reference
+        {
+          std::lock_guard<std::mutex> lk(mu_);
+          for (Piece& p : s.cur)
+            if (--p.fl->sending == 0 && p.fl->acked && inflight_.erase(p.fl->op->seq)) acked.push_back(p.fl);
+          done.swap(s.cur);
+          s.busy = false;
+        }
+        for (auto& fl : acked) finish_acked(*fl);
+        s.trailers.clear();
         s.iov.clear();
         s.hdrs.clear();
         progress = true;
@@ -591,8 +673,10 @@ void StreamTransport::run(size_t k) {
       next_deadline = reap();
       last_reap = now;
     }
-    if (s.busy && s.iov_i < s.iov.size() && s.cur.fl->op->req->poll() != ReqState::kPending &&
-        now - s.last_progress > kStallResetNs) {
+    bool ended = false;  // a request in the half-sent batch has ended (deadline, cancel)
+    if (s.busy && s.iov_i < s.iov.size() && now - s.last_progress > kStallResetNs)
+      for (Piece& p : s.cur) ended = ended || p.fl->op->req->poll() != ReqState::kPending;
+    if (ended) {
       fail(ETIMEDOUT, peer_ + " stopped reading (stalled) while a request that had ended was half sent; "
                       "the connection was reset");
       break;
@@ -634,6 +718,7 @@ void StreamTransport::fail(int err, const std::string& why) {
     ::shutdown(s->fd, SHUT_RDWR);
     wake(*s);
   }
+  if (ctl_fd_ >= 0) ::shutdown(ctl_fd_, SHUT_RDWR);  // wakes a prepare() waiting for a reply
 }
 
 // Runs once, on the last stream thread to stop: no thread touches a source buffer any more.
@@ -671,12 +756,13 @@ void StreamTransport::finish_all() {
 
 void StreamTransport::shutdown(int err, const std::string& why) {
   fail(err, why);
-  std::lock_guard<std::mutex> jl(map_mu_);  // serialises concurrent shutdowns' joins
+  std::lock_guard<std::mutex> jl(join_mu_);
   if (joined_) return;
   for (auto& s : streams_)
     if (s->th.joinable() && s->th.get_id() != std::this_thread::get_id()) s->th.join();
   joined_ = true;
   finish_all();  // when no thread ever started
+  std::lock_guard<std::mutex> xk(ctl_mu_);  // fail() shut it down: a prepare() in progress returns
   if (ctl_fd_ >= 0) {
     ::close(ctl_fd_);
     ctl_fd_ = -1;

@@ -1,5 +1,6 @@
 #include "dpmove/region.h"
 
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -22,7 +23,7 @@ std::shared_ptr<Memory> Memory::allocate(size_t size, bool hugepages) {
   if (size == 0) throw UsageError("alloc: size must be > 0 bytes");
   constexpr size_t kHuge = size_t{2} << 20;
   size_t map_size = (size + 4095) / 4096 * 4096;
-  unsigned mfd_flags = MFD_CLOEXEC;
+  unsigned mfd_flags = MFD_CLOEXEC | MFD_ALLOW_SEALING;
   if (hugepages) {
     map_size = (size + kHuge - 1) / kHuge * kHuge;
     mfd_flags |= MFD_HUGETLB;
@@ -42,6 +43,9 @@ std::shared_ptr<Memory> Memory::allocate(size_t size, bool hugepages) {
     ::close(fd);
     throw_sys(err, "alloc: ftruncate(memfd, " + std::to_string(map_size) + " bytes)");
   }
+  // Sealed at its size: a process that maps it (an shm peer) can rely on every page staying
+  // there; nobody can shrink it under a mapping and turn copies into SIGBUS.
+  (void)fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
   void* p = mmap(nullptr, map_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (p == MAP_FAILED) {
     int err = errno;

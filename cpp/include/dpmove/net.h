@@ -125,7 +125,8 @@ class Peer : public std::enable_shared_from_this<Peer> {
   Metadata remote_;
   ConnectOptions opts_;
   std::string chosen_;
-  mutable std::mutex mu_;
+  std::mutex connect_mu_;  // serialises connect(); never taken while holding the GIL
+  mutable std::mutex mu_;  // transport_ and chosen_ only; never held across network I/O
   std::shared_ptr<Transport> transport_;
   std::mutex post_mu_;  // sequence numbers are posted in order (receivers see them ascending)
   uint64_t seq_ = 0;
@@ -168,7 +169,9 @@ class Agent : public std::enable_shared_from_this<Agent> {
 
   // Blocks until a notification arrives or timeout; false on timeout / closed.
   bool next_notification(Notification* out, int64_t timeout_ns);
-  void deliver(Notification n);
+  // Queues a notification; false (and nothing queued) when the queue is full: the
+  // application has not taken notifications for a long while.
+  bool deliver(Notification n);
   size_t pending_notifications() const;
 
   std::shared_ptr<Peer> connect(const Metadata& m, const ConnectOptions& o);
@@ -187,7 +190,8 @@ class Agent : public std::enable_shared_from_this<Agent> {
   void serve_data(const std::shared_ptr<Conn>& c, const Frame& hello, const HelloBody& body);
   void serve_map(Conn& c);
   std::shared_ptr<Session> session(uint64_t id, const HelloBody& body, uint32_t streams);
-  void end_request(Session& s, const std::shared_ptr<Conn>& c, const Frame& end, std::vector<AckFailure> failures,
+  // False on a protocol violation (the caller closes the connection).
+  bool end_request(Session& s, const std::shared_ptr<Conn>& c, const Frame& end, std::vector<AckFailure> failures,
                    std::vector<uint8_t> notify);
 
   NetOptions opts_;
@@ -210,6 +214,7 @@ class Agent : public std::enable_shared_from_this<Agent> {
   mutable std::mutex nmu_;
   std::condition_variable ncv_;
   std::deque<Notification> notes_;
+  uint64_t note_bytes_ = 0;
 
   mutable std::mutex smu_;
   std::map<std::string, int64_t> stats_;
