@@ -86,6 +86,11 @@ constexpr int64_t kCtrlTimeoutNs = int64_t{10} * 1000000000;
 // Receivers re-check that every region they registered for a sender is still exposed this
 // often (ns); an unexposed region's MRs are deregistered, so its rkeys stop working.
 constexpr int64_t kExposureSweepNs = 100 * 1000000;
+// A receiver holds notification bytes until their immediate arrives, and immediates until
+// their bytes arrive. An honest sender has at most a send queue of WRs per class in flight, so
+// these caps only stop a hostile or broken one from growing the receiver without bound.
+constexpr size_t kMaxPendingNotes = 16384;
+constexpr uint64_t kMaxPendingNoteBytes = uint64_t{256} << 20;
 
 // Traffic class -> InfiniBand service level and GRH traffic class (RoCE: DSCP << 2). The QoS
 // issue will make these configurable; the transport reads them at every INIT->RTR.
@@ -435,7 +440,14 @@ class Responder {
     api_.destroy_qp(qps_[tc].qp);
     qps_[tc].qp = nullptr;
     // Notifications of the old incarnation can no longer be matched: its receives are gone.
-    for (auto it = pending_.begin(); it != pending_.end();) it = it->second.tc == tc ? pending_.erase(it) : std::next(it);
+    for (auto it = pending_.begin(); it != pending_.end();) {
+      if (it->second.tc != tc) {
+        ++it;
+        continue;
+      }
+      pending_bytes_ -= it->second.data.size();
+      it = pending_.erase(it);
+    }
     for (auto it = arrived_.begin(); it != arrived_.end();) it = it->second == tc ? arrived_.erase(it) : std::next(it);
   }
 
@@ -584,9 +596,15 @@ class Responder {
     if (a != arrived_.end()) {
       arrived_.erase(a);
       deliver(f.req, std::move(data));
-    } else {
-      pending_[imm] = Pending{static_cast<int>(f.offset), f.req, std::move(data)};
+      return true;
     }
+    if (pending_.size() >= kMaxPendingNotes || pending_bytes_ + data.size() > kMaxPendingNoteBytes)
+      return fail(ENOBUFS, std::to_string(pending_.size()) + " notifications (" + std::to_string(pending_bytes_) +
+                               " bytes) wait for their immediates: the sender is not writing them");
+    auto old = pending_.find(imm);
+    if (old != pending_.end()) pending_bytes_ -= old->second.data.size();
+    pending_bytes_ += data.size();
+    pending_[imm] = Pending{static_cast<int>(f.offset), f.req, std::move(data)};
     return true;
   }
 
@@ -596,8 +614,9 @@ class Responder {
     n.sender = hello_.client_engine;
     n.data = std::move(data);
     n.request = request;
-    agent_.deliver(std::move(n));
-    agent_.count("verbs_notifications");
+    // False: the engine's notification queue is full (the application stopped taking them);
+    // the Agent counts the drop.
+    if (agent_.deliver(std::move(n))) agent_.count("verbs_notifications");
   }
 
   bool drain_cq() {
@@ -622,9 +641,16 @@ class Responder {
       if (p != pending_.end()) {
         Pending x = std::move(p->second);
         pending_.erase(p);
+        pending_bytes_ -= x.data.size();
         deliver(x.request, std::move(x.data));
-      } else {
+      } else if (arrived_.size() < kMaxPendingNotes) {
         arrived_[imm] = tc;
+      } else {
+        // More immediates without bytes than any honest sender has in flight: drop one (the
+        // lowest value); its request's notification is lost, never misdelivered.
+        arrived_.erase(arrived_.begin());
+        arrived_[imm] = tc;
+        agent_.count("verbs_immediates_dropped");
       }
     }
     post_recvs(tc, 1);
@@ -641,6 +667,7 @@ class Responder {
   Qp qps_[kNumClasses];
   std::map<uint32_t, Reg> regs_;
   std::map<uint32_t, Pending> pending_;  // notification bytes whose immediate has not arrived
+  uint64_t pending_bytes_ = 0;
   std::map<uint32_t, int> arrived_;      // immediates whose bytes have not arrived -> class
 };
 
