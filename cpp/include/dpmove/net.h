@@ -244,6 +244,12 @@ std::shared_ptr<Transport> make_verbs_transport(Agent& local, const Metadata& re
                                                 const std::string& peer_name);
 // Whether a verbs device is usable here, and why not.
 bool verbs_usable(std::string* why);
+// The RDMA port this engine would use (the device verbs_usable() found), for Metadata::verbs;
+// empty when none is usable or verbs was not built.
+std::vector<VerbsPort> verbs_local_ports();
+// Registers the receiver side of the verbs transport (Channel::kVerbs) with Agent; done at
+// module import. Idempotent.
+void install_verbs_control_handler();
 
 }  // namespace net
 }  // namespace dpmove

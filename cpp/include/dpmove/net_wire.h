@@ -99,7 +99,9 @@ enum class FrameType : uint16_t {
 
 enum FrameFlags : uint16_t { kEndNotify = 1, kEndExtents = 2, kEndPrimary = 4 };
 
-enum class Channel : uint32_t { kTcpData = 1, kShmData = 2, kControl = 3 };
+// kVerbs: the verbs transport's control connection (queue-pair exchange, region resolution,
+// notification bytes), served by the handler net_verbs.cc registers.
+enum class Channel : uint32_t { kTcpData = 1, kShmData = 2, kControl = 3, kVerbs = 4 };
 
 struct Frame {
   uint32_t magic = kFrameMagic;
