@@ -293,6 +293,8 @@ void Agent::start() {
     if (::listen(unix_fd_, 256) != 0) throw_sys(errno, "listen(unix)");
     meta_.unix_name = name;
   }
+  // RDMA ports this engine can use: a peer with ports of its own then picks verbs on "auto".
+  meta_.verbs = verbs_local_ports();
   started_.store(true);
   acceptor_ = std::thread([this] { accept_loop(); });
 }
