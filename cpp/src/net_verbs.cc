@@ -860,6 +860,9 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
       }
     }
     stop_.store(true);
+    // The progress thread may be blocked in a control exchange (resolve, notify, QP
+    // recovery) with a silent peer: shutting the socket down returns it at once.
+    if (ctrl_fd_ >= 0) ::shutdown(ctrl_fd_, SHUT_RDWR);
     if (wake_fd_ >= 0) kick();
     if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
     // The progress thread is gone (or was never started): fail what it left.
@@ -941,6 +944,10 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
     if (!r) r = recv_frame(ctrl_fd_, rep, dl);
     if (!r) r = recv_trailer(ctrl_fd_, *rep, rt, kMaxTrailer, dl);
     if (r) {
+      // The exchange stopped half way: a late reply would answer the next request (a region
+      // key resolved to another region's rkeys). The connection is unusable; shutting it down
+      // makes the progress thread break the transport (check_ctrl sees EOF).
+      ::shutdown(ctrl_fd_, SHUT_RDWR);
       *why = "verbs control connection to " + peer_ + ": " + errstr(-r);
       return -r;
     }
@@ -948,7 +955,10 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
       *why = peer_ + " refused: " + std::string(rt->begin(), rt->end());
       return rep->aux ? static_cast<int>(rep->aux) : EPROTO;
     }
-    if (rep->type != static_cast<uint16_t>(FrameType::kCtrlOk) || rep->key != f.key) {
+    // The receiver echoes the op and its argument (req: region key; aux: traffic class).
+    if (rep->type != static_cast<uint16_t>(FrameType::kCtrlOk) || rep->key != f.key || rep->req != f.req ||
+        (f.key == kOpQp && rep->aux != f.aux)) {
+      ::shutdown(ctrl_fd_, SHUT_RDWR);
       *why = "unexpected control reply from " + peer_;
       return EPROTO;
     }
@@ -1094,7 +1104,17 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
       std::lock_guard<std::mutex> lk(qmu_);
       in.swap(incoming_);
     }
-    for (auto& op : in) activate(std::move(op));
+    while (!in.empty()) {
+      if (stop_.load()) {
+        // Left for fail_everything(), which fails what is still in incoming_.
+        std::lock_guard<std::mutex> lk(qmu_);
+        incoming_.insert(incoming_.begin(), in.begin(), in.end());
+        return;
+      }
+      auto op = std::move(in.front());
+      in.pop_front();
+      activate(std::move(op));
+    }
   }
 
   // Resolves the destination, registers the source and queues the op on its class.
@@ -1456,6 +1476,8 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
       }
     }
     stop_.store(true);
+    // Tells the receiver at once, so it releases this connection's QPs and registrations.
+    if (ctrl_fd_ >= 0) ::shutdown(ctrl_fd_, SHUT_RDWR);
     fail_everything(err, why);
   }
 
