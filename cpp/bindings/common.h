@@ -19,7 +19,8 @@ void bind_region(py::module_& m);
 void bind_file(py::module_& m);
 void bind_request(py::module_& m);
 void bind_engine(py::module_& m);
-void bind_net(py::module_& m);  // after bind_engine: adds Engine methods
+void bind_net(py::module_& m);
+void bind_qos(py::module_& m);  // after bind_engine: adds Engine methods
 void bind_verbs(py::module_& m);  // DPMOVE_HAVE_VERBS builds only: private test hooks
 
 // Seconds (None or float, inf allowed) -> nanoseconds; None -> `none_ns`. ValueError on < 0 or NaN.

@@ -9,6 +9,7 @@ PYBIND11_MODULE(_core, m) {
   dpmove::bind_request(m);
   dpmove::bind_engine(m);
   dpmove::bind_net(m);
+  dpmove::bind_qos(m);
 #if DPMOVE_HAVE_VERBS
   dpmove::bind_verbs(m);
 #endif

@@ -1,0 +1,219 @@
+"""Traffic classes: what a transfer is for, and how the operator maps that to lanes.
+
+A request names its class by intent (``control``, ``kv_load``, ``kv_store``, ``bulk``, or one
+the operator adds). The operator's configuration maps each class to a priority level, a weight
+within the level, an optional rate limit, and the fabric lane for verbs (InfiniBand service
+level, RoCE traffic class). The defaults follow DualPath: latency-critical traffic alone on the
+high lane, every KV class on the low lane; strict priority between lanes, with a starvation
+bound so the low lane always progresses.
+
+Configuration sources, later ones override earlier ones: the defaults, a TOML file
+(``QosConfig.from_toml``), the environment (``QosConfig.from_env``: ``DPMOVE_QOS_FILE`` names a
+TOML file; ``DPMOVE_QOS`` holds ``class.field=value`` pairs separated by ``;``)::
+
+    # qos.toml
+    starvation_bound_ms = 20
+    quantum_bytes = 65536
+    [classes.kv_load]
+    weight = 4
+    rate = "2.5 GB"        # bytes per second; a number or a size string
+    burst = "64 MiB"
+
+    DPMOVE_QOS="kv_load.rate=1e9;control.ib_sl=2"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any, Dict, Mapping, Optional
+
+from . import _core
+
+__all__ = ["TrafficClass", "QosConfig", "DEFAULT_CLASS"]
+
+DEFAULT_CLASS = "bulk"  # what a request that names no class gets
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*$")
+
+
+def _bytes(v: Any, what: str) -> float:
+    """A byte count: a number, or a string like "64 MiB" (binary) / "2.5 GB" (decimal)."""
+    if isinstance(v, bool):
+        raise ValueError(f"{what}: expected a number of bytes, got {v!r}")
+    if isinstance(v, (int, float)):
+        x = float(v)
+    elif isinstance(v, str):
+        m = _SIZE.match(v)
+        if not m:
+            raise ValueError(f"{what}: expected a number of bytes like 65536, '64 MiB' or '2.5 GB', got {v!r}")
+        num, unit, binary = m.groups()
+        power = " KMGT".index(unit.upper()) if unit else 0
+        x = float(num) * ((1024 if binary or not unit else 1000) ** power)
+    else:
+        raise ValueError(f"{what}: expected a number of bytes, got {type(v).__name__}")
+    if x < 0 or x != x or x == float("inf"):
+        raise ValueError(f"{what}: must be a finite number >= 0, got {v!r}")
+    return x
+
+
+@dataclasses.dataclass
+class TrafficClass:
+    """One class. level: higher is served first. weight (>= 1): share of bytes among the classes
+    of its level. rate (bytes/s, 0: unlimited) and burst (bytes, 0: one second of rate): token
+    bucket. ib_sl (0-15) / roce_tclass (0-255): the lane its verbs queue pair uses."""
+
+    name: str
+    level: int = 0
+    weight: int = 1
+    rate: float = 0.0
+    burst: int = 0
+    ib_sl: int = 0
+    roce_tclass: int = 0
+
+    def validate(self) -> None:
+        if not self.name or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", self.name):
+            raise ValueError(f"traffic class name must be an identifier, got {self.name!r}")
+        if not isinstance(self.level, int) or isinstance(self.level, bool):
+            raise ValueError(f"{self.name}.level must be an integer, got {self.level!r}")
+        if not isinstance(self.weight, int) or isinstance(self.weight, bool) or not 1 <= self.weight <= 1_000_000:
+            raise ValueError(f"{self.name}.weight must be an integer in [1, 1000000], got {self.weight!r}")
+        self.rate = _bytes(self.rate, f"{self.name}.rate")
+        self.burst = int(_bytes(self.burst, f"{self.name}.burst"))
+        if not isinstance(self.ib_sl, int) or not 0 <= self.ib_sl <= 15:
+            raise ValueError(f"{self.name}.ib_sl must be in [0, 15], got {self.ib_sl!r}")
+        if not isinstance(self.roce_tclass, int) or not 0 <= self.roce_tclass <= 255:
+            raise ValueError(f"{self.name}.roce_tclass must be in [0, 255], got {self.roce_tclass!r}")
+
+
+def _defaults() -> Dict[str, TrafficClass]:
+    # control alone on the high lane (level 1): model traffic, latency-critical. KV classes
+    # share the low lane by weight: loads (on the prefill critical path) before stores.
+    # roce_tclass 104 = DSCP 26 (AF31) << 2; 0 = best effort.
+    return {
+        "control": TrafficClass("control", level=1, weight=1, ib_sl=1, roce_tclass=104),
+        "kv_load": TrafficClass("kv_load", level=0, weight=4),
+        "kv_store": TrafficClass("kv_store", level=0, weight=2),
+        "bulk": TrafficClass("bulk", level=0, weight=1),
+    }
+
+
+@dataclasses.dataclass
+class QosConfig:
+    """The operator's mapping of traffic classes to lanes.
+
+    starvation_bound_ms: an operation of a lower level that waited this long is served before
+    higher levels' work. quantum_bytes: bytes a weight-1 class may send per round robin turn.
+    """
+
+    classes: Dict[str, TrafficClass] = dataclasses.field(default_factory=_defaults)
+    starvation_bound_ms: float = 20.0
+    quantum_bytes: int = 64 * 1024
+    default_class: str = DEFAULT_CLASS
+
+    def validate(self) -> "QosConfig":
+        if not self.classes:
+            raise ValueError("qos: at least one traffic class is needed")
+        for name, c in self.classes.items():
+            if c.name != name:
+                raise ValueError(f"qos: class stored under {name!r} is named {c.name!r}")
+            c.validate()
+        if self.default_class not in self.classes:
+            raise ValueError(f"qos: default_class {self.default_class!r} is not a declared class ({sorted(self.classes)})")
+        if not self.starvation_bound_ms > 0:
+            raise ValueError(f"qos: starvation_bound_ms must be > 0, got {self.starvation_bound_ms!r}")
+        self.quantum_bytes = int(_bytes(self.quantum_bytes, "quantum_bytes"))
+        if self.quantum_bytes < 1:
+            raise ValueError("qos: quantum_bytes must be >= 1")
+        return self
+
+    # --- loading -------------------------------------------------------------------------
+    def update(self, data: Mapping[str, Any], source: str = "config") -> "QosConfig":
+        """Applies a mapping shaped like the TOML file; unknown keys raise ValueError."""
+        top = {"classes", "starvation_bound_ms", "quantum_bytes", "default_class"}
+        for k in data:
+            if k not in top:
+                raise ValueError(f"{source}: unknown key {k!r} (expected one of {sorted(top)})")
+        if "starvation_bound_ms" in data:
+            self.starvation_bound_ms = float(data["starvation_bound_ms"])
+        if "quantum_bytes" in data:
+            self.quantum_bytes = data["quantum_bytes"]
+        if "default_class" in data:
+            self.default_class = str(data["default_class"])
+        fields = {f.name for f in dataclasses.fields(TrafficClass)} - {"name"}
+        for name, spec in (data.get("classes") or {}).items():
+            if not isinstance(spec, Mapping):
+                raise ValueError(f"{source}: classes.{name} must be a table")
+            c = self.classes.get(name) or TrafficClass(name)
+            for k, v in spec.items():
+                if k not in fields:
+                    raise ValueError(f"{source}: unknown field classes.{name}.{k} (expected one of {sorted(fields)})")
+                setattr(c, k, v)
+            self.classes[name] = c
+        return self.validate()
+
+    @classmethod
+    def from_toml(cls, path: "os.PathLike[str] | str", base: Optional["QosConfig"] = None) -> "QosConfig":
+        import tomllib
+
+        with open(path, "rb") as f:
+            try:
+                data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{path}: not valid TOML: {e}") from e
+        return (base or cls()).update(data, str(path))
+
+    @classmethod
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None, base: Optional["QosConfig"] = None) -> "QosConfig":
+        env = os.environ if environ is None else environ
+        cfg = base or cls()
+        if env.get("DPMOVE_QOS_FILE"):
+            cfg = cls.from_toml(env["DPMOVE_QOS_FILE"], cfg)
+        spec = env.get("DPMOVE_QOS", "").strip()
+        if spec:
+            classes: Dict[str, Dict[str, Any]] = {}
+            top: Dict[str, Any] = {}
+            for item in filter(None, (x.strip() for x in spec.split(";"))):
+                key, sep, value = item.partition("=")
+                if not sep:
+                    raise ValueError(f"DPMOVE_QOS: expected class.field=value, got {item!r}")
+                v: Any = value.strip()
+                if re.fullmatch(r"-?[0-9]+", v):
+                    v = int(v)
+                elif re.fullmatch(r"-?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?", v):
+                    v = float(v)
+                name, dot, field = key.strip().partition(".")
+                if dot:
+                    classes.setdefault(name, {})[field] = v
+                else:
+                    top[name] = v
+            cfg = cfg.update({**top, "classes": classes} if classes else top, "DPMOVE_QOS")
+        return cfg.validate()
+
+    # --- use -----------------------------------------------------------------------------
+    def arbiter(self) -> "_core.QosArbiter":
+        """A fresh arbiter for this configuration (classes indexed in declaration order)."""
+        self.validate()
+        return _core.QosArbiter(
+            [self._core_class(c) for c in self.classes.values()],
+            int(self.starvation_bound_ms * 1e6),
+            int(self.quantum_bytes),
+        )
+
+    @staticmethod
+    def _core_class(c: TrafficClass) -> dict:
+        return {
+            "name": c.name,
+            "level": c.level,
+            "weight": c.weight,
+            "rate_bps": float(c.rate),
+            "burst_bytes": int(c.burst),
+            "ib_sl": c.ib_sl,
+            "roce_tclass": c.roce_tclass,
+        }
+
+    def microbench(self, ops: int = 1_000_000) -> float:
+        """ns per enqueue + dequeue with every class busy, measured in C++."""
+        self.validate()
+        return _core._qos_microbench([self._core_class(c) for c in self.classes.values()], int(ops))
