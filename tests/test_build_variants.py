@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from build_support import wheel_in_bare_venv
 
 CHECK = textwrap.dedent(
     """
@@ -45,22 +43,9 @@ CHECK = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_build_without_liburing(tmp_path: Path) -> None:
-    wheel_dir, site, build = tmp_path / "wheel", tmp_path / "site", tmp_path / "build"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir),
-         "-C", "cmake.define.DPMOVE_WITH_URING=OFF", "-C", f"build-dir={build}", str(ROOT)],
-        check=True,
-    )
-    (wheel,) = wheel_dir.glob("dpmove-*.whl")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)], check=True)
-    # A bare venv that sees only the new wheel and numpy: the dpmove under test (an editable
-    # install, say) must not shadow it.
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    (venv_site,) = venv.glob("lib/python*/site-packages")
-    (venv_site / "deps.pth").write_text(f"{site}\n{Path(np.__file__).parent.parent}\n")
+    python, site = wheel_in_bare_venv(tmp_path, "DPMOVE_WITH_URING=OFF")
     env = {k: v for k, v in os.environ.items() if k not in ("DPMOVE_BACKEND", "PYTHONPATH")}
-    out = subprocess.run([str(venv / "bin" / "python"), "-c", CHECK, str(tmp_path / "f.bin")], env=env, cwd=tmp_path,
+    out = subprocess.run([str(python), "-c", CHECK, str(tmp_path / "f.bin")], env=env, cwd=tmp_path,
                          check=True, capture_output=True, text=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["file"].startswith(str(site))

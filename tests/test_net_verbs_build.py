@@ -12,13 +12,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-import dpmove
 from dpmove import _core
+from build_support import wheel_in_bare_venv
 
-ROOT = Path(__file__).resolve().parents[1]
 HAVE_VERBS = hasattr(_core, "_verbs_set_provider")
 
 CHECK = textwrap.dedent(
@@ -72,20 +70,9 @@ def test_import_without_libibverbs(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_build_without_verbs(tmp_path: Path) -> None:
-    wheel_dir, site, build = tmp_path / "wheel", tmp_path / "site", tmp_path / "build"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheel_dir),
-         "-C", "cmake.define.DPMOVE_WITH_VERBS=OFF", "-C", f"build-dir={build}", str(ROOT)],
-        check=True,
-    )
-    (wheel,) = wheel_dir.glob("dpmove-*.whl")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)], check=True)
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    (venv_site,) = venv.glob("lib/python*/site-packages")
-    (venv_site / "deps.pth").write_text(f"{site}\n{Path(np.__file__).parent.parent}\n")
+    python, site = wheel_in_bare_venv(tmp_path, "DPMOVE_WITH_VERBS=OFF")
     env = {k: v for k, v in os.environ.items() if k not in ("DPMOVE_VERBS", "PYTHONPATH")}
-    got = run_check(str(venv / "bin" / "python"), env, tmp_path)
+    got = run_check(str(python), env, tmp_path)
     assert got["file"].startswith(str(site))
     assert got["ok"] is False and "built without rdma-core headers" in got["why"]
     assert got["err"] and "libibverbs-dev" in got["err"]

@@ -1391,6 +1391,22 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
     }
   }
 
+  // Ends every WR of q, posted or not, with `status` and `why` as its request's detail. Call
+  // only once the QP is in RESET: the HCA no longer touches these WRs' buffers.
+  void retire_all(Qp& q, int32_t status, const std::string& why) {
+    while (!q.posted.empty()) {
+      WrRec rec = std::move(q.posted.front());
+      q.posted.pop_front();
+      if (rec.op) rec.op->op->req->set_detail(why);
+      retire(rec, status);
+    }
+    for (WrRec& rec : q.unposted) {
+      if (rec.op) rec.op->op->req->set_detail(why);
+      retire(rec, status);
+    }
+    q.unposted.clear();
+  }
+
   // Settles every WR still posted on class tc (flushed: ECANCELED), abandons a half-posted
   // entry, and brings the QP up again with a fresh queue-pair exchange.
   void recover(int tc) {
@@ -1398,19 +1414,8 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
     // RESET first: once it returns the HCA no longer touches the buffers of these WRs, so
     // their entries may end.
     qp_reset(api_, q.qp);
-    std::string msg = "flushed after an earlier work request to " + peer_ + " failed" +
-                      (last_error_.empty() ? "" : " (" + last_error_ + ")");
-    while (!q.posted.empty()) {
-      WrRec rec = std::move(q.posted.front());
-      q.posted.pop_front();
-      if (rec.op) rec.op->op->req->set_detail(msg);
-      retire(rec, -ECANCELED);
-    }
-    for (WrRec& rec : q.unposted) {
-      if (rec.op) rec.op->op->req->set_detail(msg);
-      retire(rec, -ECANCELED);
-    }
-    q.unposted.clear();
+    retire_all(q, -ECANCELED, "flushed after an earlier work request to " + peer_ + " failed" +
+                                  (last_error_.empty() ? "" : " (" + last_error_ + ")"));
     q.since_signal = 0;
     for (auto& sp : q.ops) {
       OpState& s = *sp;
@@ -1488,17 +1493,7 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
     for (int tc = 0; tc < kNumClasses; ++tc) {
       Qp& q = qps_[tc];
       if (q.qp) qp_reset(api_, q.qp);
-      while (!q.posted.empty()) {
-        WrRec rec = std::move(q.posted.front());
-        q.posted.pop_front();
-        if (rec.op) rec.op->op->req->set_detail(why);
-        retire(rec, -err);
-      }
-      for (WrRec& rec : q.unposted) {
-        if (rec.op) rec.op->op->req->set_detail(why);
-        retire(rec, -err);
-      }
-      q.unposted.clear();
+      retire_all(q, -err, why);
       for (auto& sp : q.ops) {
         OpState& s = *sp;
         s.op->req->set_detail(why);
