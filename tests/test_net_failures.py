@@ -131,7 +131,9 @@ def test_misuse(net_engines, rng, tp):
     n = a.next_notification(timeout_s=10)
     assert n.data == big
     # Other arguments.
-    with pytest.raises(ValueError, match="traffic_class"):
+    with pytest.raises(ValueError, match="unknown traffic class 'gold'"):
+        p.write(src, h, ok, traffic_class="gold")
+    with pytest.raises(TypeError, match="traffic_class"):
         p.write(src, h, ok, traffic_class=4)
     with pytest.raises(TypeError, match="src"):
         p.write(np.zeros(16, np.uint8), h, ok)

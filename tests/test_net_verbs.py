@@ -42,12 +42,18 @@ def fake_hca() -> Iterator[None]:
     _core._verbs_set_provider("fake" if prev == "fake" else "real")
 
 
+# Four classes on four lanes: class t<i> rides SL i, GRH traffic class i << 5.
+LANES = dpmove.QosConfig(
+    classes={f"t{i}": dpmove.TrafficClass(f"t{i}", ib_sl=i, roce_tclass=i << 5) for i in range(4)}, default_class="t0"
+)
+
+
 class Pair:
     """rx exposes `dst`; tx writes from `src` through `peer` (transport verbs)."""
 
-    def __init__(self, size: int, chain: int, signal_every: int) -> None:
-        self.rx = dpmove.Engine(name="rx")
-        self.tx = dpmove.Engine(name="tx")
+    def __init__(self, size: int, chain: int, signal_every: int, qos: "dpmove.QosConfig" = LANES) -> None:
+        self.rx = dpmove.Engine(name="rx", qos=qos)
+        self.tx = dpmove.Engine(name="tx", qos=qos)
         self.dst = self.rx.alloc(size)
         self.src = self.tx.alloc(size)
         self.h = self.rx.expose(self.dst, writable=True)
@@ -79,8 +85,8 @@ class Pair:
 def make_pair() -> Iterator:
     made: List[Pair] = []
 
-    def make(size: int = 4 * MiB, chain: int = 32, signal_every: int = 16) -> Pair:
-        p = Pair(size, chain, signal_every)
+    def make(size: int = 4 * MiB, chain: int = 32, signal_every: int = 16, qos: "dpmove.QosConfig" = LANES) -> Pair:
+        p = Pair(size, chain, signal_every, qos)
         made.append(p)
         return p
 
@@ -409,13 +415,28 @@ def test_cancel_while_stalled(make_pair, rng) -> None:
 def test_traffic_class_sets_service_level(make_pair, rng) -> None:
     p = make_pair()
     for tc in range(4):
-        wait_ok(p.write(disjoint_entries(rng, 5, 100, 4 * MiB), traffic_class=tc, timeout_s=10))
+        wait_ok(p.write(disjoint_entries(rng, 5, 100, 4 * MiB), traffic_class=f"t{tc}", timeout_s=10))
     qps = {q["label"].rsplit(":tc", 1)[1]: q for q in send_qps("send:tx->rx")}
     assert sorted(qps) == ["0", "1", "2", "3"]
     for tc, q in qps.items():
         assert q["sl"] == int(tc) and q["traffic_class"] == int(tc) << 5 and q["state"] == "RTS"
     recv = {q["label"].rsplit(":tc", 1)[1]: q for q in send_qps("recv:tx")}
     assert all(recv[tc]["sl"] == int(tc) for tc in recv)
+
+
+def test_default_classes_map_to_configured_lanes(make_pair, rng) -> None:
+    """The default configuration: control on its own lane (SL 1, tclass 104 = DSCP 26), every
+    KV class on lane 0 (SL 0, best effort); an operator's override reaches the queue pair."""
+    cfg = dpmove.QosConfig()
+    cfg.classes["kv_load"].ib_sl = 3
+    cfg.classes["kv_load"].roce_tclass = 72
+    p = make_pair(qos=cfg)
+    for cls in ("control", "kv_load", "bulk"):
+        wait_ok(p.write(disjoint_entries(rng, 5, 100, 4 * MiB), traffic_class=cls, timeout_s=10))
+    lanes = {(q["sl"], q["traffic_class"]) for q in send_qps("send:tx->rx") if q["state"] == "RTS"}
+    assert {(0, 0), (1, 104), (3, 72)} <= lanes
+    with pytest.raises(ValueError, match="unknown traffic class"):
+        p.write(disjoint_entries(rng, 5, 100, 4 * MiB), traffic_class="t0")
 
 
 def test_concurrent_writers(make_pair, rng) -> None:
@@ -433,7 +454,7 @@ def test_concurrent_writers(make_pair, rng) -> None:
             for i in range(per):
                 ent = disjoint_entries(r, 40, 2000, area)
                 ent[:, 0] += t * area
-                req = p.write(ent, notify=b"%d:%d" % (t, i), traffic_class=t % 4, timeout_s=30)
+                req = p.write(ent, notify=b"%d:%d" % (t, i), traffic_class=f"t{t % 4}", timeout_s=30)
                 with lock:
                     done.append((req, ent))
                 if i % 5 == 0:
@@ -547,7 +568,7 @@ def test_random_faults_under_concurrency(make_pair, rng) -> None:
             ent = disjoint_entries(r, n_ent, 1000, slot)
             ent[:, 0] += base
             note = b"%d:%d" % (t, i)
-            req = p.write(ent, notify=note, traffic_class=t % 4, timeout_s=30)
+            req = p.write(ent, notify=note, traffic_class=f"t{t % 4}", timeout_s=30)
             with lock:
                 done.append((req, ent, note))
 

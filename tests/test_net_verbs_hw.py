@@ -300,7 +300,7 @@ def test_pyverbs_peer_checks_what_landed(real_provider) -> None:
         np.frombuffer(src, dtype=np.uint8)[:] = src_bytes
         peer = tx.connect(encode_metadata(eid, HOST, port, "pyverbs-rx"), transport="verbs")
         h = dpmove.RemoteRegion.from_bytes(encode_handle(eid, 1, SIZE))
-        req = peer.write(src, h, ent, notify=b"pyverbs", timeout_s=30, traffic_class=1)
+        req = peer.write(src, h, ent, notify=b"pyverbs", timeout_s=30, traffic_class="control")
         req.wait()
         req.check()
         note_hex, got = rx.stdout.readline().split()

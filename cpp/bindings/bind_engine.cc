@@ -133,7 +133,7 @@ OpenOptions parse_mode(const std::string& mode, const py::object& direct) {
 }
 
 std::shared_ptr<Request> submit(Engine& e, OpKind op, const std::shared_ptr<File>& f, py::handle region,
-                                py::array entries, py::object timeout_s, bool timing) {
+                                py::array entries, py::object timeout_s, bool timing, int qos_class) {
   if (!f) throw py::type_error("expected a File, got None");
   // Entry arrays arrive normalised by dpmove.Engine (int64, C-contiguous, (N, 3)).
   if (!py::isinstance<py::array_t<int64_t>>(entries) || entries.ndim() != 2 || entries.shape(1) != 3 ||
@@ -145,9 +145,53 @@ std::shared_ptr<Request> submit(Engine& e, OpKind op, const std::shared_ptr<File
   size_t n = static_cast<size_t>(entries.shape(0));
   // Validation and the copy are O(N): release the GIL for large batches only, where the
   // ~1 us of a release/reacquire round trip is small next to the work.
-  if (n < 1024) return e.submit(op, f, r, rows, n, t, timing);
+  if (n < 1024) return e.submit(op, f, r, rows, n, t, timing, qos_class);
   py::gil_scoped_release nogil;
-  return e.submit(op, f, r, rows, n, t, timing);
+  return e.submit(op, f, r, rows, n, t, timing, qos_class);
+}
+
+// {"classes": [ {name, level, weight, rate_bps, burst_bytes, ib_sl, roce_tclass}, ...],
+//  "starvation_bound_ns", "quantum_bytes", "enabled", "default_class",
+//  "storage": {inflight_bytes, low_inflight_bytes, low_chunk_bytes}, "net": {...}}
+// as built by dpmove.qos.QosConfig.core_options().
+void apply_qos(EngineOptions& o, const py::dict& q) {
+  qos::GateOptions base;
+  for (auto c : q["classes"].cast<py::list>()) base.classes.push_back(qos_class_from(c));
+  base.starvation_bound_ns = q["starvation_bound_ns"].cast<int64_t>();
+  base.quantum_bytes = q["quantum_bytes"].cast<uint64_t>();
+  base.enabled = q["enabled"].cast<bool>();
+  o.default_class = q["default_class"].cast<int>();
+  auto path = [&](const char* name) {
+    qos::GateOptions g = base;
+    auto p = q[name].cast<py::dict>();
+    g.inflight_bytes = p["inflight_bytes"].cast<uint64_t>();
+    g.low_inflight_bytes = p["low_inflight_bytes"].cast<uint64_t>();
+    g.low_chunk_bytes = p["low_chunk_bytes"].cast<uint64_t>();
+    g.reserve_idle_ns = p["reserve_idle_ns"].cast<int64_t>();
+    return g;
+  };
+  o.storage_qos = path("storage");
+  o.net_qos = path("net");
+}
+
+py::dict gate_stats(const qos::Gate& g) {
+  py::dict out;
+  for (size_t c = 0; c < g.num_classes(); ++c) {
+    qos::GateClassStats s = g.stats(static_cast<int>(c));
+    py::dict d;
+    d["bytes"] = s.bytes;
+    d["ops"] = s.ops;
+    d["queued_ops"] = s.arb.queued;
+    d["queued_bytes"] = s.queued_bytes;
+    d["inflight_bytes"] = s.inflight_bytes;
+    d["wait_p50_ns"] = s.arb.wait_p50_ns;
+    d["wait_p99_ns"] = s.arb.wait_p99_ns;
+    d["wait_max_ns"] = s.arb.wait_max_ns;
+    d["throttled_ns"] = s.arb.throttled_ns;
+    d["starvation_grants"] = s.arb.starvation_grants;
+    out[py::str(g.options().classes[c].name)] = d;
+  }
+  return out;
 }
 
 }  // namespace
@@ -156,7 +200,7 @@ void bind_engine(py::module_& m) {
   py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
       .def(py::init([](const std::string& backend, int num_workers, unsigned queue_depth, bool register_buffers,
                        bool register_files, py::object default_timeout_s, const std::string& listen_host, int listen_port,
-                       bool listen_unix, const std::string& name) {
+                       bool listen_unix, const std::string& name, py::object qos) {
              if (listen_port < 0 || listen_port > 65535)
                throw py::value_error("listen_port must be in [0, 65535], got " + std::to_string(listen_port));
              EngineOptions o;
@@ -170,11 +214,13 @@ void bind_engine(py::module_& m) {
              o.net.listen_port = static_cast<uint16_t>(listen_port);
              o.net.listen_unix = listen_unix;
              o.net.name = name;
+             if (!qos.is_none()) apply_qos(o, qos.cast<py::dict>());
              return release_gil_on_drop(Engine::create(o));
            }),
            py::arg("backend") = "auto", py::arg("num_workers") = 2, py::arg("queue_depth") = 64,
            py::arg("register_buffers") = true, py::arg("register_files") = true, py::arg("default_timeout_s") = 60.0,
-           py::arg("listen_host") = "127.0.0.1", py::arg("listen_port") = 0, py::arg("listen_unix") = true, py::arg("name") = "")
+           py::arg("listen_host") = "127.0.0.1", py::arg("listen_port") = 0, py::arg("listen_unix") = true, py::arg("name") = "",
+           py::arg("qos") = py::none())
       .def_property_readonly("default_timeout_ns", [](const Engine& e) { return e.options().default_timeout_ns; })
       .def_property_readonly("backend", &Engine::backend_name)
       .def_property_readonly("backend_reason", &Engine::backend_reason)
@@ -192,11 +238,20 @@ void bind_engine(py::module_& m) {
         return e.open(path, o, do_register);
       }, py::arg("path"), py::arg("mode") = "r", py::arg("direct") = "auto", py::arg("register") = true)
       .def("read", [](Engine& e, const std::shared_ptr<File>& f, py::handle region, py::array entries, py::object timeout_s,
-                      bool timing) { return submit(e, OpKind::kRead, f, region, entries, timeout_s, timing); },
-           py::arg("file"), py::arg("region"), py::arg("entries"), py::arg("timeout_s") = py::none(), py::arg("timing") = false)
+                      bool timing, int qos_class) { return submit(e, OpKind::kRead, f, region, entries, timeout_s, timing, qos_class); },
+           py::arg("file"), py::arg("region"), py::arg("entries"), py::arg("timeout_s") = py::none(), py::arg("timing") = false,
+           py::arg("qos_class") = -1)
       .def("write", [](Engine& e, const std::shared_ptr<File>& f, py::handle region, py::array entries, py::object timeout_s,
-                       bool timing) { return submit(e, OpKind::kWrite, f, region, entries, timeout_s, timing); },
-           py::arg("file"), py::arg("region"), py::arg("entries"), py::arg("timeout_s") = py::none(), py::arg("timing") = false)
+                       bool timing, int qos_class) { return submit(e, OpKind::kWrite, f, region, entries, timeout_s, timing, qos_class); },
+           py::arg("file"), py::arg("region"), py::arg("entries"), py::arg("timeout_s") = py::none(), py::arg("timing") = false,
+           py::arg("qos_class") = -1)
+      .def("qos_stats", [](const Engine& e) {
+        py::dict d;
+        d["storage"] = gate_stats(*e.storage_gate());
+        d["net"] = gate_stats(*e.net_gate());
+        return d;
+      }, "per path, per traffic class: bytes, ops, queued_ops/bytes, inflight_bytes, wait p50/p99/max (ns), throttled_ns")
+      .def_property_readonly("qos_enabled", [](const Engine& e) { return e.storage_gate()->options().enabled; })
       .def("close", [](Engine& e, py::object timeout_s) {
         int64_t t = seconds_to_ns(timeout_s, INT64_MAX, "timeout_s");
         py::gil_scoped_release nogil;  // joins workers; waits for the kernel to release buffers

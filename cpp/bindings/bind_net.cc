@@ -131,7 +131,7 @@ Created by Engine.connect(). The transport (shm, tcp or verbs) is fixed at conne
       })
       .def("write",
            [](Peer& p, py::handle src, py::object dst, py::array entries, py::object notify, py::object timeout_s, bool timing,
-              int traffic_class, int64_t default_timeout) {
+              int qos_class, int64_t default_timeout) {
              if (!py::isinstance<Region>(src))
                throw py::type_error("src must be a Region from Engine.alloc() or Engine.register()");
              auto region = src.cast<std::shared_ptr<Region>>();
@@ -146,12 +146,12 @@ Created by Engine.connect(). The transport (shm, tcp or verbs) is fixed at conne
              const auto* rows = static_cast<const IoEntry*>(entries.data());
              size_t n = static_cast<size_t>(entries.shape(0));
              if (n < 1024 && p.prepared(h))
-               return p.put(region, h, rows, n, note.data(), note.size(), has_note, t, timing, traffic_class);
+               return p.put(region, h, rows, n, note.data(), note.size(), has_note, t, timing, qos_class);
              py::gil_scoped_release nogil;
-             return p.put(region, h, rows, n, note.data(), note.size(), has_note, t, timing, traffic_class);
+             return p.put(region, h, rows, n, note.data(), note.size(), has_note, t, timing, qos_class);
            },
            py::arg("src"), py::arg("dst"), py::arg("entries"), py::arg("notify") = py::none(), py::arg("timeout_s") = py::none(),
-           py::arg("timing") = false, py::arg("traffic_class") = 0, py::arg("default_timeout_ns") = INT64_MAX)
+           py::arg("timing") = false, py::arg("qos_class") = -1, py::arg("default_timeout_ns") = INT64_MAX)
       .def("__repr__", [](const Peer& p) {
         std::string b = p.broken();
         return "<dpmove.Peer " + std::string(p.transport_name()) + " " + p.name() + (b.empty() ? "" : " broken: " + b) + ">";

@@ -23,6 +23,12 @@ void bind_net(py::module_& m);
 void bind_qos(py::module_& m);  // after bind_engine: adds Engine methods
 void bind_verbs(py::module_& m);  // DPMOVE_HAVE_VERBS builds only: private test hooks
 
+}  // namespace dpmove
+#include "dpmove/qos.h"
+namespace dpmove {
+// One traffic class from the dict dpmove.qos.QosConfig builds (bind_qos.cc).
+qos::ClassConfig qos_class_from(const py::handle& d);
+
 // Seconds (None or float, inf allowed) -> nanoseconds; None -> `none_ns`. ValueError on < 0 or NaN.
 inline int64_t seconds_to_ns(const py::object& s, int64_t none_ns, const char* what) {
   if (s.is_none()) return none_ns;

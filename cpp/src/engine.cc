@@ -81,7 +81,66 @@ struct Kicker {
   }
 };
 
-std::shared_ptr<Engine> Engine::create(const EngineOptions& opts) {
+// The storage gate's sink: the backend, until the engine closes (then what is dispatched is
+// cancelled). Separate from life_mu_: the gate's thread dispatches while close() may hold it.
+class StorageSink final : public qos::Sink {
+ public:
+  explicit StorageSink(Backend* b) : backend_(b) {}
+  void dispatch(const std::shared_ptr<Request>& req, size_t begin, size_t end, const std::shared_ptr<void>&) override {
+    std::shared_lock<std::shared_mutex> lk(mu_);
+    if (backend_) {
+      backend_->submit(req, begin, end);
+      return;
+    }
+    lk.unlock();
+    req->cancel();
+  }
+  void detach() {
+    std::unique_lock<std::shared_mutex> lk(mu_);
+    backend_ = nullptr;
+  }
+
+ private:
+  std::shared_mutex mu_;
+  Backend* backend_;
+};
+
+namespace {
+// Derives the verbs lanes (distinct ib_sl / roce_tclass pairs, in class order) and checks the
+// two paths declare the same classes.
+void setup_qos(EngineOptions& o) {
+  for (auto* g : {&o.storage_qos, &o.net_qos})
+    if (g->classes.empty()) {
+      qos::ClassConfig c;
+      c.name = "bulk";
+      g->classes.push_back(c);
+      g->enabled = false;
+    }
+  if (o.storage_qos.classes.size() != o.net_qos.classes.size())
+    throw UsageError("Engine: the storage and net QoS paths must declare the same classes");
+  for (size_t i = 0; i < o.storage_qos.classes.size(); ++i)
+    if (o.storage_qos.classes[i].name != o.net_qos.classes[i].name)
+      throw UsageError("Engine: the storage and net QoS paths must declare the same classes in the same order");
+  if (o.default_class < 0 || static_cast<size_t>(o.default_class) >= o.storage_qos.classes.size())
+    throw UsageError("Engine: default_class " + std::to_string(o.default_class) + " is not a class index");
+  o.net.lanes.clear();
+  for (auto& c : o.net_qos.classes) {
+    net::Lane l;
+    l.ib_sl = c.ib_sl;
+    l.roce_tclass = c.roce_tclass;
+    bool seen = false;
+    for (auto& k : o.net.lanes) seen |= k.ib_sl == l.ib_sl && k.roce_tclass == l.roce_tclass;
+    if (!seen) o.net.lanes.push_back(l);
+  }
+  if (o.net.lanes.size() > static_cast<size_t>(net::kMaxLanes))
+    throw UsageError("Engine: the traffic classes name " + std::to_string(o.net.lanes.size()) +
+                     " distinct (ib_sl, roce_tclass) lanes; verbs supports at most " + std::to_string(net::kMaxLanes));
+}
+}  // namespace
+
+std::shared_ptr<Engine> Engine::create(const EngineOptions& opts_in) {
+  EngineOptions opts = opts_in;
+  setup_qos(opts);
   if (opts.num_workers < 1 || opts.num_workers > 256)
     throw UsageError("Engine: num_workers must be in [1, 256], got " + std::to_string(opts.num_workers));
   if (opts.queue_depth < 1 || opts.queue_depth > 4096)
@@ -118,6 +177,9 @@ std::shared_ptr<Engine> Engine::create(const EngineOptions& opts) {
   e->kicker_ = std::make_shared<Kicker>();
   e->kicker_->backend = e->backend_.get();
   e->registry_ = std::make_shared<SlotRegistry>(e->backend_.get(), opts.max_registered_buffers, opts.max_registered_files);
+  e->storage_gate_ = std::make_shared<qos::Gate>("storage", opts.storage_qos);
+  e->net_gate_ = std::make_shared<qos::Gate>("net", opts.net_qos);
+  e->storage_sink_ = std::make_shared<StorageSink>(e->backend_.get());
   return e;
 }
 
@@ -163,7 +225,7 @@ std::string entry_str(size_t i, const IoEntry& e) {
 
 std::shared_ptr<Request> Engine::submit(OpKind op, const std::shared_ptr<File>& file,
                                         const std::shared_ptr<Region>& region, const IoEntry* entries, size_t n,
-                                        int64_t timeout_ns, bool timing) {
+                                        int64_t timeout_ns, bool timing, int qos_class) {
   // try-lock: a thread that holds the GIL must not wait for close(), whose workers may need
   // the GIL to give a Python buffer back.
   std::shared_lock<std::shared_mutex> life(life_mu_, std::try_to_lock);
@@ -186,6 +248,7 @@ std::shared_ptr<Request> Engine::submit(OpKind op, const std::shared_ptr<File>& 
     throw UnsupportedError(EBADF, "write: '" + file->path() + "' was opened read-only (mode='r'); open it with mode='w' or 'rw'");
   if (op == OpKind::kRead && !region->writable())
     throw UsageError("read: the region is read-only and cannot be the target of a read; register a writable buffer");
+  const int cls = resolve_class(qos_class);
 
   const uint64_t rsize = region->size();
   const bool direct = file->direct();
@@ -219,8 +282,16 @@ std::shared_ptr<Request> Engine::submit(OpKind op, const std::shared_ptr<File>& 
   // Not make_shared: the deadline heaps hold weak_ptrs, which would pin the whole object.
   std::shared_ptr<Request> req(new Request(next_id_->fetch_add(1), op, file, region, std::move(copy), deadline, timing));
   req->set_kick([k = kicker_] { k->kick(); });
-  backend_->submit(req);
+  storage_gate_->submit(req, cls, storage_sink_, nullptr, false);
   return req;
+}
+
+int Engine::resolve_class(int qos_class) const {
+  if (qos_class == -1) return opts_.default_class;
+  if (qos_class < 0 || static_cast<size_t>(qos_class) >= opts_.storage_qos.classes.size())
+    throw UsageError("traffic class index " + std::to_string(qos_class) + " is out of range [0, " +
+                     std::to_string(opts_.storage_qos.classes.size()) + ")");
+  return qos_class;
 }
 
 std::shared_ptr<net::Agent> Engine::agent() {
@@ -229,6 +300,7 @@ std::shared_ptr<net::Agent> Engine::agent() {
   if (!agent_) {
     auto ids = next_id_;
     auto a = std::make_shared<net::Agent>(opts_.net, [ids] { return ids->fetch_add(1); });
+    a->set_qos(net_gate_, opts_.default_class);
     a->start();
     agent_ = std::move(a);
   }
@@ -244,6 +316,11 @@ int64_t Engine::close(int64_t timeout_ns) {
   }
   // Peers first (their requests end with ECONNABORTED), then the listener.
   if (agent) agent->close();
+  // Gates before the backend: what still waits in a gate is cancelled, and nothing reaches the
+  // backend once the sink is detached.
+  if (net_gate_) net_gate_->close();
+  if (storage_gate_) storage_gate_->close();
+  if (storage_sink_) storage_sink_->detach();
   std::unique_lock<std::shared_mutex> life(life_mu_);
   // Registrations first: a Region or File dropped on another thread during the shutdown must
   // not reach rings that are going away.

@@ -187,6 +187,11 @@ void Agent::set_control_handler(uint32_t channel, ControlHandler h) {
 
 Agent::Agent(NetOptions opts, std::function<uint64_t()> request_id)
     : opts_(std::move(opts)), request_id_(std::move(request_id)) {
+  if (opts_.lanes.size() > static_cast<size_t>(kMaxLanes))
+    throw UsageError("net: at most " + std::to_string(kMaxLanes) + " verbs lanes (distinct ib_sl/roce_tclass pairs), got " +
+                     std::to_string(opts_.lanes.size()));
+  for (const Lane& l : opts_.lanes)
+    if (l.ib_sl > 15) throw UsageError("net: ib_sl must be in [0, 15], got " + std::to_string(l.ib_sl));
   for (const char* k : {"connections", "refused_connections", "bytes_received", "writes_refused", "requests_completed",
                         "requests_failed", "notifications_delivered", "notifications_dropped", "protocol_errors", "regions_mapped"})
     stats_[k] = 0;
@@ -200,6 +205,37 @@ Agent::Agent(NetOptions opts, std::function<uint64_t()> request_id)
   Id128 r = random_id();
   std::memcpy(&next_key_, r.data(), sizeof next_key_);
   next_key_ = (next_key_ & 0x7fffffffu) | 1u;  // random start: keys are not guessable from 0
+}
+
+void Agent::set_qos(std::shared_ptr<qos::Gate> gate, int default_class) {
+  class_lane_.clear();
+  for (auto& c : gate->options().classes) {
+    int li = -1;
+    for (size_t k = 0; k < opts_.lanes.size(); ++k)
+      if (opts_.lanes[k].ib_sl == c.ib_sl && opts_.lanes[k].roce_tclass == c.roce_tclass) li = static_cast<int>(k);
+    if (li < 0) throw UsageError("net: traffic class '" + c.name + "' has no verbs lane (NetOptions::lanes)");
+    class_lane_.push_back(li);
+  }
+  if (default_class < 0 || static_cast<size_t>(default_class) >= class_lane_.size())
+    throw UsageError("net: default class " + std::to_string(default_class) + " is not a class index");
+  gate_ = std::move(gate);
+  default_class_ = default_class;
+}
+
+int Agent::resolve_class(int qos_class) const {
+  if (qos_class == -1) return gate_ ? default_class_ : 0;
+  size_t n = gate_ ? class_lane_.size() : 1;
+  if (qos_class < 0 || static_cast<size_t>(qos_class) >= n)
+    throw UsageError("traffic class index " + std::to_string(qos_class) + " is out of range [0, " + std::to_string(n) + ")");
+  return qos_class;
+}
+
+Lane Agent::lane(int i) const noexcept {
+  if (i >= 0 && static_cast<size_t>(i) < opts_.lanes.size()) return opts_.lanes[static_cast<size_t>(i)];
+  Lane l;
+  l.ib_sl = static_cast<uint8_t>(i & 15);
+  l.roce_tclass = static_cast<uint8_t>((i & 7) << 5);
+  return l;
 }
 
 Agent::~Agent() { close(); }

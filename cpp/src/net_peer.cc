@@ -123,7 +123,7 @@ void Peer::close() {
 
 std::shared_ptr<Request> Peer::put(const std::shared_ptr<Region>& src, const RemoteHandle& dst, const IoEntry* e, size_t n,
                                    const uint8_t* notify, size_t notify_len, bool has_notify, int64_t timeout_ns,
-                                   bool timing, int traffic_class) {
+                                   bool timing, int qos_class) {
   if (closed_.load()) throw ClosedError("Peer is closed");
   if (local_->closed()) throw ClosedError("Engine is closed");
   src->check_open();
@@ -135,7 +135,7 @@ std::shared_ptr<Request> Peer::put(const std::shared_ptr<Region>& src, const Rem
   if (notify_len > kMaxNotifyBytes)
     throw UsageError("notify is " + std::to_string(notify_len) + " bytes, at most " + std::to_string(kMaxNotifyBytes) + " allowed");
   if (n > (size_t{1} << 20)) throw UsageError("at most 1048576 entries per request, got " + std::to_string(n));
-  if (traffic_class < 0 || traffic_class > 3) throw UsageError("traffic_class must be in [0, 3], got " + std::to_string(traffic_class));
+  const int cls = local_->resolve_class(qos_class);
   const uint64_t lsize = src->size();
   for (size_t i = 0; i < n; ++i) {
     const IoEntry& x = e[i];
@@ -173,11 +173,31 @@ std::shared_ptr<Request> Peer::put(const std::shared_ptr<Region>& src, const Rem
   op->dst = dst;
   if (has_notify) op->notify.assign(notify, notify + notify_len);
   op->has_notify = has_notify;
-  op->traffic_class = traffic_class;
+  op->via = t;
+  const auto& gate = local_->gate();
+  if (!gate) {
+    dispatch(req, 0, n, op);
+    return req;
+  }
+  op->lane = local_->class_lane(cls);
+  op->urgent = gate->options().enabled && gate->top(cls);  // QoS off: one FIFO, no reserved stream
+  gate->submit(req, cls, shared_from_this(), op, true);
+  return req;
+}
+
+void Peer::dispatch(const std::shared_ptr<Request>& req, size_t, size_t, const std::shared_ptr<void>& payload) {
+  auto op = std::static_pointer_cast<PutOp>(payload);
+  std::shared_ptr<Transport> t = op->via.lock();
+  if (!t) {  // the connection was replaced and is gone: as if it had failed the put
+    req->set_detail(name() + ": the connection this write was accepted on was closed before its turn");
+    for (size_t i = 0; i < req->size(); ++i)
+      if (req->start(i)) req->finish(i, -ECONNABORTED, 0);
+    return;
+  }
+  // A broken or shut transport fails the op itself, with its own error.
   std::lock_guard<std::mutex> lk(post_mu_);
   op->seq = ++seq_;
   t->post(op);
-  return req;
 }
 
 }  // namespace net

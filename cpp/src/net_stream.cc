@@ -342,9 +342,15 @@ void StreamTransport::post(std::shared_ptr<PutOp> op) {
       if (r.start(i)) r.finish(i, -err, 0);
     return;
   }
-  // Split by bytes into runs, one per stream.
+  // Split by bytes into runs, one per stream. With two streams or more, stream 0 is kept for
+  // top-level (urgent) requests and the others carry the rest, so a latency-critical write
+  // never queues behind a bulk one on the same socket or copy thread.
   size_t n = r.size();
-  size_t ns = streams_.size();
+  size_t lo = 0, ns = streams_.size();
+  if (ns >= 2) {
+    lo = op->urgent ? 0 : 1;
+    ns = op->urgent ? 1 : ns - 1;
+  }
   int64_t total = 0;
   for (size_t i = 0; i < n; ++i) total += r.entry(i).length;
   std::vector<Piece> pieces;
@@ -379,7 +385,7 @@ void StreamTransport::post(std::shared_ptr<PutOp> op) {
     p.primary = k == 0;
     p.nstreams = static_cast<uint32_t>(pieces.size());
     p.map = map;
-    Stream& s = *streams_[(first + k) % ns];
+    Stream& s = *streams_[lo + (first + k) % ns];
     bool was_empty = s.q.empty() && !s.busy;
     s.q.push_back(std::move(p));
     if (was_empty) wake(s);

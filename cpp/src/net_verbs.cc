@@ -92,10 +92,7 @@ constexpr int64_t kExposureSweepNs = 100 * 1000000;
 constexpr size_t kMaxPendingNotes = 16384;
 constexpr uint64_t kMaxPendingNoteBytes = uint64_t{256} << 20;
 
-// Traffic class -> InfiniBand service level and GRH traffic class (RoCE: DSCP << 2). The QoS
-// issue will make these configurable; the transport reads them at every INIT->RTR.
-uint8_t class_sl(int tc) { return static_cast<uint8_t>(tc); }
-uint8_t class_tclass(int tc) { return static_cast<uint8_t>(tc << 5); }
+static_assert(kNumClasses == kMaxLanes, "one queue pair per verbs lane");
 
 #pragma pack(push, 1)
 struct QpWire {
@@ -283,7 +280,9 @@ int qp_init(VerbsApi& a, ibv_qp* qp, const Device& d, int access) {
 }
 
 // INIT -> RTR toward `r`, with the class's service level and (over a GRH) traffic class.
-int qp_rtr(VerbsApi& a, ibv_qp* qp, const Device& d, const QpWire& r, int tc) {
+// `lane`: the InfiniBand service level and GRH traffic class (RoCE: DSCP << 2) this queue
+// pair's packets carry; the engine maps its QoS classes to lanes (Agent::lane).
+int qp_rtr(VerbsApi& a, ibv_qp* qp, const Device& d, const QpWire& r, Lane lane) {
   ibv_qp_attr at{};
   at.qp_state = IBV_QPS_RTR;
   at.path_mtu = static_cast<ibv_mtu>(std::min<int>(d.pattr.active_mtu, r.mtu ? static_cast<int>(r.mtu) : static_cast<int>(IBV_MTU_1024)));
@@ -292,7 +291,7 @@ int qp_rtr(VerbsApi& a, ibv_qp* qp, const Device& d, const QpWire& r, int tc) {
   at.max_dest_rd_atomic = 1;
   at.min_rnr_timer = 12;  // 0.64 ms
   at.ah_attr.dlid = r.lid;
-  at.ah_attr.sl = class_sl(tc);
+  at.ah_attr.sl = lane.ib_sl;
   at.ah_attr.port_num = d.port;
   bool any_gid = false;
   for (uint8_t b : r.gid) any_gid |= b != 0;
@@ -303,7 +302,7 @@ int qp_rtr(VerbsApi& a, ibv_qp* qp, const Device& d, const QpWire& r, int tc) {
     std::memcpy(at.ah_attr.grh.dgid.raw, r.gid, 16);
     at.ah_attr.grh.sgid_index = static_cast<uint8_t>(d.gid_index);
     at.ah_attr.grh.hop_limit = 64;
-    at.ah_attr.grh.traffic_class = class_tclass(tc);
+    at.ah_attr.grh.traffic_class = lane.roce_tclass;
   }
   return a.modify_qp(qp, &at,
                      IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN |
@@ -523,7 +522,7 @@ class Responder {
     uint32_t psn = random_psn();
     int r = qp_init(api_, qp, dev_, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
     if (!r) r = post_recvs(tc, ia.cap.max_recv_wr);
-    if (!r) r = qp_rtr(api_, qp, dev_, peer, tc);
+    if (!r) r = qp_rtr(api_, qp, dev_, peer, agent_.lane(tc));
     if (!r) r = qp_rts(api_, qp, psn);
     if (r) {
       destroy_qp(tc);
@@ -732,6 +731,7 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
       : api_(verbs::verbs_api()), remote_(remote), opts_(o), peer_(std::move(peer_name)) {
     local_name_ = local.name();
     local_id_ = local.engine_id();
+    for (int tc = 0; tc < kNumClasses; ++tc) lanes_[tc] = local.lane(tc);
   }
 
   ~VerbsTransport() override {
@@ -926,7 +926,7 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
       return EPROTO;
     }
     std::memcpy(&theirs, t.data(), sizeof theirs);
-    r = qp_rtr(api_, qp, *dev_, theirs, tc);
+    r = qp_rtr(api_, qp, *dev_, theirs, lanes_[tc]);
     if (!r) r = qp_rts(api_, qp, psn);
     if (r) *why = "queue pair of traffic class " + std::to_string(tc) + " to RTR/RTS: " + errstr(r);
     return r;
@@ -1134,7 +1134,7 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
       s->imm = ++imm_seq_;
       if (s->imm == 0) s->imm = ++imm_seq_;
     }
-    int tc = std::max(0, std::min(kNumClasses - 1, op->traffic_class));
+    int tc = std::max(0, std::min(kNumClasses - 1, op->lane));
     if (op->req->size() == 0 && !op->has_notify) return;
     advance(*s);
     if (s->cur == SIZE_MAX && op->req->size() > 0) {
@@ -1542,6 +1542,7 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
   ibv_cq* cq_ = nullptr;
   uint32_t sq_depth_ = kSqDepth;
   int chain_ = 32, signal_every_ = 16;
+  Lane lanes_[kNumClasses];  // fixed at construction
   Qp qps_[kNumClasses];  // progress thread only (and fail_everything once it stopped)
   std::map<Memory*, std::unique_ptr<LocalReg>> local_regs_;  // progress thread only
   uint64_t wr_seq_ = 0;

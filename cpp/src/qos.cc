@@ -128,24 +128,31 @@ void Arbiter::grant(int ci, int64_t now, Grant* out, bool starved) {
   out->waited_ns = waited;
 }
 
-bool Arbiter::dequeue(int64_t now, Grant* out) {
+bool Arbiter::dequeue(int64_t now, Grant* out, int min_level) {
   if (!total_queued_) return false;
   // 2. Starvation guard: the oldest eligible head past the bound, whatever its level.
   int oldest = -1;
   int64_t t_oldest = INT64_MAX;
   for (size_t i = 0; i < cls_.size(); ++i) {
     Class& c = cls_[i];
-    if (c.q.empty() || now - c.q.front().t_enq <= bound_ns_ || c.q.front().t_enq >= t_oldest) continue;
+    if (c.q.empty() || c.cfg.level < min_level || now - c.q.front().t_enq <= bound_ns_ || c.q.front().t_enq >= t_oldest)
+      continue;
     if (!eligible(c, now)) continue;
     oldest = static_cast<int>(i);
     t_oldest = c.q.front().t_enq;
   }
   if (oldest >= 0) {
-    grant(oldest, now, out, true);
+    // Counted as a starvation grant only when it jumped ahead of a higher level's work; an
+    // op that merely waited long behind its own class (a window, a rate limit) is not one.
+    const int lvl = cls_[static_cast<size_t>(oldest)].cfg.level;
+    bool jumped = false;
+    for (auto& c : cls_)
+      if (!jumped && c.cfg.level > lvl && eligible(c, now)) jumped = true;
+    grant(oldest, now, out, jumped);
     return true;
   }
   // 3-4. Highest level with an eligible head; deficit round robin inside it.
-  for (size_t li = 0; li < levels_.size(); ++li) {
+  for (size_t li = 0; li < levels_.size() && levels_[li] >= min_level; ++li) {
     const auto& members = by_level_[li];
     size_t n = members.size();
     for (int pass = 0; pass < 2; ++pass) {

@@ -6,6 +6,7 @@
 #include <climits>
 
 #include "dpmove/file.h"
+#include "dpmove/qos_gate.h"
 #include "dpmove/region.h"
 #include "dpmove/status.h"
 
@@ -84,6 +85,8 @@ bool Request::finish(size_t i, int32_t status, int64_t bytes) noexcept {
   }
   bytes_done_.fetch_add(bytes, std::memory_order_relaxed);
   if (status != kEntryOk) failed_.fetch_add(1, std::memory_order_relaxed);
+  // Before the terminal notify: a waiter that wakes sees the gate's window already freed.
+  if (gate_) qos_ended(i);
   bool last_running = running_.fetch_sub(1, std::memory_order_seq_cst) == 1;
   bool last_entry = unfinished_.fetch_sub(1, std::memory_order_acq_rel) == 1;
   if (last_entry) set_terminal(failed_.load(std::memory_order_acquire) ? ReqState::kFailed : ReqState::kDone);
@@ -98,10 +101,17 @@ bool Request::set_terminal(ReqState s) noexcept {
 
 void Request::sweep(int32_t status) noexcept {
   int64_t swept = 0;
+  uint64_t freed = 0;
   for (size_t i = 0; i < entries_.size(); ++i) {
     int32_t expect = kEntryPending;
-    if (status_[i].compare_exchange_strong(expect, status, std::memory_order_acq_rel)) ++swept;
+    if (status_[i].compare_exchange_strong(expect, status, std::memory_order_acq_rel)) {
+      ++swept;
+      if (gate_ && (qos_flags_[i].fetch_or(2, std::memory_order_acq_rel) & 1))
+        freed += static_cast<uint64_t>(entries_[i].length);
+    }
   }
+  if (freed) gate_->release(qos_cls_, freed);
+  if (gate_ && swept) gate_->purge(this, qos_cls_);
   if (swept) {
     failed_.fetch_add(swept, std::memory_order_relaxed);
     unfinished_.fetch_sub(swept, std::memory_order_acq_rel);
@@ -117,6 +127,26 @@ ReqState Request::poll() noexcept {
     s = state();
   }
   return s;
+}
+
+void Request::qos_attach(std::shared_ptr<qos::Gate> gate, int cls, int64_t max_op_bytes) {
+  qos_flags_.reset(new std::atomic<uint8_t>[entries_.size()]);
+  for (size_t i = 0; i < entries_.size(); ++i) qos_flags_[i].store(0, std::memory_order_relaxed);
+  gate_ = std::move(gate);
+  qos_cls_ = cls;
+  max_op_bytes_ = max_op_bytes > 0 ? max_op_bytes : INT64_MAX;
+}
+
+void Request::qos_ended(size_t i) noexcept {
+  if (qos_flags_[i].fetch_or(2, std::memory_order_acq_rel) & 1)
+    gate_->release(qos_cls_, static_cast<uint64_t>(entries_[i].length));
+}
+
+uint64_t Request::qos_dispatched(size_t begin, size_t end) noexcept {
+  uint64_t ended = 0;
+  for (size_t i = begin; i < end; ++i)
+    if (qos_flags_[i].fetch_or(1, std::memory_order_acq_rel) & 2) ended += static_cast<uint64_t>(entries_[i].length);
+  return ended;
 }
 
 bool Request::cancel() noexcept {

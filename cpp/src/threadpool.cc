@@ -17,12 +17,12 @@ ThreadPoolBackend::ThreadPoolBackend(int num_threads) : live_threads_(num_thread
 
 ThreadPoolBackend::~ThreadPoolBackend() { shutdown(INT64_MAX); }
 
-void ThreadPoolBackend::submit(std::shared_ptr<Request> req) {
-  if (req->size() == 0) return;
+void ThreadPoolBackend::submit(std::shared_ptr<Request> req, size_t begin, size_t end) {
+  if (begin >= end) return;
   {
     std::lock_guard<std::mutex> lk(mu_);
     if (!stop_) {
-      queue_.push_back({std::move(req), 0});
+      queue_.push_back({std::move(req), begin, end});
       req = nullptr;
     }
   }
@@ -47,7 +47,7 @@ void ThreadPoolBackend::run() {
       Item& it = queue_.front();
       req = it.req;
       i = it.next++;
-      if (it.next == req->size()) queue_.pop_front();
+      if (it.next == it.end) queue_.pop_front();
     }
     req->poll();  // applies the deadline: an expired request's entries are swept, not started
     if (!req->start(i)) continue;
@@ -69,7 +69,7 @@ void execute_blocking(Request& req, size_t i, std::atomic<uint64_t>& ops, std::a
       req.finish(i, req.state() == ReqState::kTimedOut ? -ETIMEDOUT : -ECANCELED, done);
       return;
     }
-    size_t len = static_cast<size_t>(std::min(e.length - done, kMaxOpBytes));
+    size_t len = static_cast<size_t>(std::min({e.length - done, kMaxOpBytes, req.max_op_bytes()}));
     ops.fetch_add(1, std::memory_order_relaxed);
     ssize_t r = is_read ? pread(f.fd(), buf + done, len, e.file_offset + done)
                         : pwrite(f.fd(), buf + done, len, e.file_offset + done);
@@ -95,7 +95,7 @@ void execute_blocking(Request& req, size_t i, std::atomic<uint64_t>& ops, std::a
       continue;
     }
     done += r;
-    if (done < e.length) {
+    if (done < e.length && static_cast<size_t>(r) < len) {
       // O_DIRECT transfers only stop short at end of file (read) or on a device error
       // (write); the remainder would start misaligned, so report instead of retrying.
       if (f.direct() && ((e.file_offset + done) % f.offset_align() != 0 ||

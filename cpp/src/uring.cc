@@ -149,6 +149,7 @@ class UringWorker {
     std::shared_ptr<Request> req;  // null when free
     size_t entry = 0;
     int64_t done = 0;  // bytes of the entry transferred so far
+    unsigned len = 0;  // bytes asked of the operation in flight
     uint32_t gen = 0;
     int retries = 0;
     bool cancel_sent = false;
@@ -188,12 +189,13 @@ class UringWorker {
     const IoEntry& e = r.entry(s.entry);
     const File& f = *r.file();
     const Region& reg = *r.region();
-    unsigned len = static_cast<unsigned>(std::min(e.length - s.done, kMaxOpBytes));
+    unsigned len = static_cast<unsigned>(std::min({e.length - s.done, kMaxOpBytes, r.max_op_bytes()}));
     uint8_t* buf = reg.data() + e.region_offset + s.done;
     uint64_t off = static_cast<uint64_t>(e.file_offset + s.done);
     int fd = f.fixed_slot();
     const bool fixed_file = fd >= 0;
     if (!fixed_file) fd = f.fd();
+    s.len = len;
     int bi = reg.memory()->find_slot(reg.offset_in_memory() + e.region_offset + s.done, len);
     io_uring_sqe* sqe = get_sqe();
     if (r.op() == OpKind::kRead) {
@@ -291,6 +293,8 @@ class UringWorker {
     s.done += res;
     if (s.done == e.length) return finish(si, kEntryOk);
     if (r.terminal()) return finish(si, stopped);  // partial: bytes say how far it got
+    // A full piece of an entry split by max_op_bytes (QoS) or kMaxOpBytes: the next piece.
+    if (static_cast<unsigned>(res) == s.len) return prep(si);
     // O_DIRECT transfers stop short only at end of file (read) or on a device error (write);
     // the remainder would start misaligned, so report rather than resubmit.
     const uintptr_t next_addr = reinterpret_cast<uintptr_t>(r.region()->data() + e.region_offset + s.done);
@@ -476,21 +480,21 @@ std::unique_ptr<UringBackend> UringBackend::create(const UringOptions& opts, std
 
 UringBackend::~UringBackend() { shutdown(int64_t{10} * 1000000000); }
 
-void UringBackend::submit(std::shared_ptr<Request> req) {
-  size_t n = req->size();
-  if (n == 0) return;
+void UringBackend::submit(std::shared_ptr<Request> req, size_t begin, size_t end) {
+  if (begin >= end) return;
+  size_t n = end - begin;
   size_t nw = workers_.size();
   // Small batches stay on one worker (ordering, fewer wakeups); large ones are split in
   // contiguous ranges so every ring works on them.
   constexpr size_t kSplitMin = 256;
   if (nw == 1 || n < kSplitMin * 2) {
-    workers_[rr_.fetch_add(1, std::memory_order_relaxed) % nw]->push(std::move(req), 0, n);
+    workers_[rr_.fetch_add(1, std::memory_order_relaxed) % nw]->push(std::move(req), begin, end);
     return;
   }
   size_t parts = std::min(nw, n / kSplitMin);
   size_t base = rr_.fetch_add(1, std::memory_order_relaxed);
   for (size_t p = 0; p < parts; ++p) {
-    size_t b = n * p / parts, e = n * (p + 1) / parts;
+    size_t b = begin + n * p / parts, e = begin + n * (p + 1) / parts;
     workers_[(base + p) % nw]->push(req, b, e);
   }
 }

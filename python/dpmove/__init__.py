@@ -35,6 +35,7 @@ from .errors import (
 )
 from .info import info
 from .net import Notification, Peer, RemoteRegion, parse_metadata
+from .qos import PathLimits, QosConfig, TrafficClass
 
 __version__ = _core.__version__
 
@@ -54,6 +55,9 @@ __all__ = [
     "RemoteRegion",
     "Notification",
     "parse_metadata",
+    "QosConfig",
+    "TrafficClass",
+    "PathLimits",
     "info",
     "Error",
     "TransferError",

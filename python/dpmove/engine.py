@@ -8,6 +8,7 @@ C-contiguous int64 array (no copy when it already is one).
 from __future__ import annotations
 
 import atexit
+import copy
 import os
 import warnings
 import weakref
@@ -16,6 +17,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from . import _core
+from .qos import QosConfig
 
 __all__ = ["Engine", "entries", "as_entries"]
 
@@ -110,6 +112,11 @@ class Engine:
         connect.
     name:
         Display name in metadata, notifications and error messages.
+    qos:
+        Traffic classes and their arbitration (``dpmove.QosConfig``). None: the defaults with
+        ``DPMOVE_QOS_FILE`` / ``DPMOVE_QOS`` applied (``QosConfig.from_env()``). Every read,
+        write and peer write names a class (``traffic_class="kv_load"``), or gets the
+        configuration's default class.
     """
 
     def __init__(
@@ -125,9 +132,16 @@ class Engine:
         listen_port: int = 0,
         listen_unix: bool = True,
         name: str = "",
+        qos: Optional[QosConfig] = None,
     ) -> None:
         if backend is None:
             backend = os.environ.get("DPMOVE_BACKEND", "auto")
+        if qos is None:
+            qos = QosConfig.from_env()
+        elif not isinstance(qos, QosConfig):
+            raise TypeError(f"qos must be a dpmove.QosConfig or None, got {type(qos).__name__}")
+        # A copy: later changes to the caller's object do not reach a running engine.
+        self._qos = copy.deepcopy(qos.validate())
         self._core = _core.Engine(
             backend,
             num_workers=num_workers,
@@ -139,6 +153,7 @@ class Engine:
             listen_port=listen_port,
             listen_unix=listen_unix,
             name=name,
+            qos=self._qos.core_options(),
         )
         _live.add(self)
 
@@ -166,8 +181,24 @@ class Engine:
         return self._core.queue_depth
 
     def stats(self) -> dict:
-        """Counters: entries started, kernel ops, resubmits, cancels, fixed buffer/file use."""
-        return self._core.stats()
+        """Counters: entries started, kernel ops, resubmits, cancels, fixed buffer/file use;
+        ``"qos"``: ``qos_stats()``."""
+        d = self._core.stats()
+        d["qos"] = self._core.qos_stats()
+        return d
+
+    @property
+    def qos(self) -> QosConfig:
+        """A copy of the QoS configuration this engine runs with."""
+        return copy.deepcopy(self._qos)
+
+    def qos_stats(self) -> dict:
+        """Per path (``"storage"``, ``"net"``), per traffic class: ``bytes`` and ``ops``
+        dispatched, ``queued_ops`` / ``queued_bytes`` waiting for their turn, ``inflight_bytes``
+        dispatched and not ended, ``wait_p50_ns`` / ``wait_p99_ns`` / ``wait_max_ns`` spent
+        queued, ``throttled_ns`` with work but no tokens, ``starvation_grants``. With QoS off
+        nothing waits, so the wait and throttle figures stay 0."""
+        return self._core.qos_stats()
 
     def describe(self) -> dict:
         return self._core.describe()
@@ -199,21 +230,37 @@ class Engine:
 
     # --- transfers ---------------------------------------------------------------------------
     def read(
-        self, file: "_core.File", region: Any, batch: Any, *, timeout_s: Optional[float] = None, timing: bool = False
+        self,
+        file: "_core.File",
+        region: Any,
+        batch: Any,
+        *,
+        timeout_s: Optional[float] = None,
+        timing: bool = False,
+        traffic_class: Optional[str] = None,
     ) -> "_core.Request":
         """Reads file bytes into `region` for every (file_offset, region_offset, length) row.
 
         `region` is a Region or a writable C-contiguous buffer (used unregistered). Returns at
         once with a Request; `timeout_s` sets its deadline (None: the engine default).
-        `timing` records per-entry latency (Request.latency_ns).
+        `timing` records per-entry latency (Request.latency_ns). `traffic_class` names the QoS
+        class (None: the configuration's default class); unknown names raise ValueError.
         """
-        return self._core.read(file, region, as_entries(batch), timeout_s, timing)
+        return self._core.read(file, region, as_entries(batch), timeout_s, timing, self._qos.class_index(traffic_class))
 
     def write(
-        self, file: "_core.File", region: Any, batch: Any, *, timeout_s: Optional[float] = None, timing: bool = False
+        self,
+        file: "_core.File",
+        region: Any,
+        batch: Any,
+        *,
+        timeout_s: Optional[float] = None,
+        timing: bool = False,
+        traffic_class: Optional[str] = None,
     ) -> "_core.Request":
-        """Writes region bytes to the file for every (file_offset, region_offset, length) row."""
-        return self._core.write(file, region, as_entries(batch), timeout_s, timing)
+        """Writes region bytes to the file for every (file_offset, region_offset, length) row;
+        arguments as for read()."""
+        return self._core.write(file, region, as_entries(batch), timeout_s, timing, self._qos.class_index(traffic_class))
 
     # --- one-sided writes between engines ------------------------------------------------
     def metadata(self) -> bytes:
@@ -259,7 +306,7 @@ class Engine:
         from .net import Peer
 
         core = self._core.connect(metadata, transport, streams, timeout_s, chain, signal_every)
-        return Peer(core, self._core.default_timeout_ns)
+        return Peer(core, self._core.default_timeout_ns, self._qos)
 
     def next_notification(self, timeout_s: Optional[float] = None) -> Optional["_core.Notification"]:
         """The oldest notification not yet taken, waiting up to `timeout_s` (None: forever; 0:

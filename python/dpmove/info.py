@@ -18,7 +18,7 @@ def info(path: Optional[str] = None) -> dict:
     """Returns a dict: version, kernel, each backend (compiled, usable, why), the backend an
     ``Engine()`` picks here and why, the transports for one-sided writes (verbs: whether
     an RDMA device is usable and why not), RLIMIT_MEMLOCK (registered buffers count against it
-    when not root), and - when `path` is given - O_DIRECT support and alignment for that path."""
+    when not root), the QoS configuration ``Engine()`` takes from the environment, and - when `path` is given - O_DIRECT support and alignment for that path."""
     uring = _core.probe_io_uring()
     out: dict = {
         "version": _core.__version__,
@@ -41,6 +41,23 @@ def info(path: Optional[str] = None) -> dict:
         "tcp": {"usable": "yes", "reason": "listens on 127.0.0.1 by default (Engine(listen_host=...))"},
         "verbs": {"usable": "yes" if ok else "no", "reason": why},
     }
+    try:
+        from .qos import QosConfig
+
+        q = QosConfig.from_env()
+        out["qos"] = {
+            "enabled": "yes" if q.enabled else "no (one FIFO per path)",
+            "default_class": q.default_class,
+            "classes": {
+                n: f"level {c.level}, weight {c.weight}, rate {'unlimited' if not c.rate else f'{c.rate:.4g} B/s burst {c.burst}'}, "
+                f"ib_sl {c.ib_sl}, roce_tclass {c.roce_tclass}"
+                for n, c in q.classes.items()
+            },
+            "paths": {n: f"inflight {p.inflight}, low_inflight {p.low_inflight}, low_chunk {p.low_chunk} (bytes; 0: none)"
+                      for n, p in q.paths.items()},
+        }
+    except (ValueError, OSError) as exc:  # a bad DPMOVE_QOS / DPMOVE_QOS_FILE: say so
+        out["qos"] = {"enabled": "error", "reason": str(exc)}
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     out["memlock"] = {"soft": _limit(soft), "hard": _limit(hard), "root": os.geteuid() == 0}
     if path is not None:

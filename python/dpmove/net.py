@@ -21,6 +21,7 @@ from typing import Any, Optional, Union
 
 from . import _core
 from .engine import as_entries
+from .qos import QosConfig
 
 __all__ = ["Peer", "RemoteRegion", "Notification", "parse_metadata"]
 
@@ -42,9 +43,10 @@ class Peer:
     peer has new metadata and new handles).
     """
 
-    def __init__(self, core: "_core.Peer", default_timeout_ns: int) -> None:
+    def __init__(self, core: "_core.Peer", default_timeout_ns: int, qos: "QosConfig") -> None:
         self._core = core
         self._default_timeout_ns = default_timeout_ns
+        self._qos = qos
 
     @property
     def transport(self) -> str:
@@ -81,7 +83,7 @@ class Peer:
         notify: Optional[bytes] = None,
         timeout_s: Optional[float] = None,
         timing: bool = False,
-        traffic_class: int = 0,
+        traffic_class: Optional[str] = None,
     ) -> "_core.Request":
         """Writes ``src[local_offset : +length]`` to ``dst[remote_offset : +length]`` for every
         (remote_offset, local_offset, length) row.
@@ -90,7 +92,9 @@ class Peer:
         ValueError and nothing is sent. ``notify`` (at most 64 KiB) is delivered to the
         receiver's ``next_notification()`` only after every entry landed, never for a request
         that failed in part. ``timeout_s`` sets the deadline (None: the engine default).
-        ``traffic_class`` (0-3) selects the queue pair on verbs.
+        ``traffic_class`` names the class (None: the engine's default class): the request waits
+        its turn in the engine's net QoS gate, and on verbs rides the queue pair of the class's
+        service level / traffic class.
         """
         return self._core.write(
             src,
@@ -99,7 +103,7 @@ class Peer:
             notify,
             timeout_s,
             timing,
-            traffic_class,
+            self._qos.class_index(traffic_class),
             self._default_timeout_ns,
         )
 

@@ -31,7 +31,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from . import _core
 
-__all__ = ["TrafficClass", "QosConfig", "DEFAULT_CLASS"]
+__all__ = ["TrafficClass", "PathLimits", "QosConfig", "DEFAULT_CLASS"]
 
 DEFAULT_CLASS = "bulk"  # what a request that names no class gets
 
@@ -100,17 +100,64 @@ def _defaults() -> Dict[str, TrafficClass]:
 
 
 @dataclasses.dataclass
+class PathLimits:
+    """In-flight windows of one path (``storage``: file I/O; ``net``: one-sided writes), in bytes.
+
+    inflight: everything dispatched and not yet ended, all classes (0: no window).
+    low_inflight: the same for classes below the top level; what the window leaves is kept for
+    the top level, as DualPath reserves most of the NIC for model traffic (0: no window).
+    low_chunk: storage only - an entry of a below-top class is read or written in kernel
+    operations of at most this many bytes, one after another (a multiple of 4096; 0: whole).
+    reserve_idle_ms: low_inflight holds while the top level is active - something of it in
+    flight, or its last request or completion less than this long ago; after that the lower
+    levels may fill the path (work-conserving). 0: low_inflight always holds.
+    """
+
+    inflight: int = 0
+    low_inflight: int = 0
+    low_chunk: int = 0
+    reserve_idle_ms: float = 100.0
+
+    def validate(self, path: str) -> None:
+        for f in ("inflight", "low_inflight", "low_chunk"):
+            setattr(self, f, int(_bytes(getattr(self, f), f"paths.{path}.{f}")))
+        if isinstance(self.reserve_idle_ms, bool) or not isinstance(self.reserve_idle_ms, (int, float)) or not (
+            0 <= self.reserve_idle_ms < 1e9
+        ):
+            raise ValueError(f"paths.{path}.reserve_idle_ms must be a number of milliseconds >= 0, got {self.reserve_idle_ms!r}")
+        if self.low_chunk % 4096:
+            raise ValueError(f"paths.{path}.low_chunk must be a multiple of 4096 bytes, got {self.low_chunk}")
+
+
+def _default_paths() -> Dict[str, "PathLimits"]:
+    # storage: while control is active, at most 512 KiB of KV reads/writes in the device, in
+    # 128 KiB operations, so a latency-critical read queues behind little (the knee of the
+    # trade-off measured by `dpmove bench qos` on a virtio disk: 256 KiB starves KV, 1 MiB
+    # and up lets control's p99 grow; see the README). net: 16 MiB of KV writes in flight
+    # keeps a stream busy while the top level still finds the path free.
+    return {
+        "storage": PathLimits(inflight=0, low_inflight=512 << 10, low_chunk=128 << 10),
+        "net": PathLimits(inflight=0, low_inflight=16 << 20, low_chunk=0),
+    }
+
+
+@dataclasses.dataclass
 class QosConfig:
     """The operator's mapping of traffic classes to lanes.
 
     starvation_bound_ms: an operation of a lower level that waited this long is served before
     higher levels' work. quantum_bytes: bytes a weight-1 class may send per round robin turn.
+    enabled: False turns arbitration off - every path is one FIFO (no windows, rate limits or
+    reordering), the baseline to measure QoS against; classes are still counted. paths:
+    in-flight windows per path (PathLimits).
     """
 
     classes: Dict[str, TrafficClass] = dataclasses.field(default_factory=_defaults)
     starvation_bound_ms: float = 20.0
     quantum_bytes: int = 64 * 1024
     default_class: str = DEFAULT_CLASS
+    enabled: bool = True
+    paths: Dict[str, PathLimits] = dataclasses.field(default_factory=_default_paths)
 
     def validate(self) -> "QosConfig":
         if not self.classes:
@@ -126,12 +173,32 @@ class QosConfig:
         self.quantum_bytes = int(_bytes(self.quantum_bytes, "quantum_bytes"))
         if self.quantum_bytes < 1:
             raise ValueError("qos: quantum_bytes must be >= 1")
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"qos: enabled must be true or false, got {self.enabled!r}")
+        if set(self.paths) != {"storage", "net"}:
+            raise ValueError(f"qos: paths must be exactly 'storage' and 'net', got {sorted(self.paths)}")
+        for name, p in self.paths.items():
+            p.validate(name)
+        lanes = {(c.ib_sl, c.roce_tclass) for c in self.classes.values()}
+        if len(lanes) > 4:
+            raise ValueError(f"qos: the classes name {len(lanes)} distinct (ib_sl, roce_tclass) lanes; verbs supports at most 4")
         return self
+
+    def class_index(self, name: "str | None") -> int:
+        """Index of class `name` in this configuration (None: -1, the default class)."""
+        if name is None:
+            return -1
+        if not isinstance(name, str):
+            raise TypeError(f"traffic_class must be a class name such as 'kv_load' (one of {list(self.classes)}), got {name!r}")
+        for i, n in enumerate(self.classes):
+            if n == name:
+                return i
+        raise ValueError(f"unknown traffic class {name!r}; this engine's classes are {list(self.classes)}")
 
     # --- loading -------------------------------------------------------------------------
     def update(self, data: Mapping[str, Any], source: str = "config") -> "QosConfig":
         """Applies a mapping shaped like the TOML file; unknown keys raise ValueError."""
-        top = {"classes", "starvation_bound_ms", "quantum_bytes", "default_class"}
+        top = {"classes", "starvation_bound_ms", "quantum_bytes", "default_class", "enabled", "paths"}
         for k in data:
             if k not in top:
                 raise ValueError(f"{source}: unknown key {k!r} (expected one of {sorted(top)})")
@@ -141,6 +208,23 @@ class QosConfig:
             self.quantum_bytes = data["quantum_bytes"]
         if "default_class" in data:
             self.default_class = str(data["default_class"])
+        if "enabled" in data:
+            v = data["enabled"]
+            if isinstance(v, str) and v.lower() in ("0", "1", "true", "false", "on", "off"):
+                v = v.lower() in ("1", "true", "on")
+            elif isinstance(v, int) and not isinstance(v, bool) and v in (0, 1):
+                v = bool(v)
+            self.enabled = v
+        pfields = {f.name for f in dataclasses.fields(PathLimits)}
+        for pname, spec in (data.get("paths") or {}).items():
+            if pname not in self.paths:
+                raise ValueError(f"{source}: unknown path {pname!r} (expected 'storage' or 'net')")
+            if not isinstance(spec, Mapping):
+                raise ValueError(f"{source}: paths.{pname} must be a table")
+            for k, v in spec.items():
+                if k not in pfields:
+                    raise ValueError(f"{source}: unknown field paths.{pname}.{k} (expected one of {sorted(pfields)})")
+                setattr(self.paths[pname], k, v)
         fields = {f.name for f in dataclasses.fields(TrafficClass)} - {"name"}
         for name, spec in (data.get("classes") or {}).items():
             if not isinstance(spec, Mapping):
@@ -173,6 +257,7 @@ class QosConfig:
         spec = env.get("DPMOVE_QOS", "").strip()
         if spec:
             classes: Dict[str, Dict[str, Any]] = {}
+            paths: Dict[str, Dict[str, Any]] = {}
             top: Dict[str, Any] = {}
             for item in filter(None, (x.strip() for x in spec.split(";"))):
                 key, sep, value = item.partition("=")
@@ -184,11 +269,21 @@ class QosConfig:
                 elif re.fullmatch(r"-?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?", v):
                     v = float(v)
                 name, dot, field = key.strip().partition(".")
-                if dot:
+                if name == "paths" and dot:
+                    pname, dot2, pfield = field.partition(".")
+                    if not dot2:
+                        raise ValueError(f"DPMOVE_QOS: expected paths.<storage|net>.<field>=value, got {item!r}")
+                    paths.setdefault(pname, {})[pfield] = v
+                elif dot:
                     classes.setdefault(name, {})[field] = v
                 else:
                     top[name] = v
-            cfg = cfg.update({**top, "classes": classes} if classes else top, "DPMOVE_QOS")
+            data: Dict[str, Any] = dict(top)
+            if classes:
+                data["classes"] = classes
+            if paths:
+                data["paths"] = paths
+            cfg = cfg.update(data, "DPMOVE_QOS")
         return cfg.validate()
 
     # --- use -----------------------------------------------------------------------------
@@ -200,6 +295,27 @@ class QosConfig:
             int(self.starvation_bound_ms * 1e6),
             int(self.quantum_bytes),
         )
+
+    def core_options(self) -> dict:
+        """What the native Engine takes (its `qos` argument)."""
+        self.validate()
+        names = list(self.classes)
+        return {
+            "classes": [self._core_class(c) for c in self.classes.values()],
+            "starvation_bound_ns": int(self.starvation_bound_ms * 1e6),
+            "quantum_bytes": int(self.quantum_bytes),
+            "enabled": bool(self.enabled),
+            "default_class": names.index(self.default_class),
+            **{
+                name: {
+                    "inflight_bytes": p.inflight,
+                    "low_inflight_bytes": p.low_inflight,
+                    "low_chunk_bytes": p.low_chunk,
+                    "reserve_idle_ns": int(p.reserve_idle_ms * 1e6),
+                }
+                for name, p in self.paths.items()
+            },
+        }
 
     @staticmethod
     def _core_class(c: TrafficClass) -> dict:
@@ -217,3 +333,9 @@ class QosConfig:
         """ns per enqueue + dequeue with every class busy, measured in C++."""
         self.validate()
         return _core._qos_microbench([self._core_class(c) for c in self.classes.values()], int(ops))
+
+    def gate_microbench(self, ops: int = 200_000) -> float:
+        """ns per operation through a whole gate (submit, arbitration, dispatch, release of
+        its bytes) with a sink that completes at once, measured in C++."""
+        self.validate()
+        return _core._qos_gate_microbench([self._core_class(c) for c in self.classes.values()], int(ops))

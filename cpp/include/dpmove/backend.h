@@ -30,8 +30,10 @@ class Backend {
   virtual ~Backend() = default;
   virtual const char* name() const noexcept = 0;
 
-  // Queues every entry of `req`. Does not block on I/O. Thread-safe.
-  virtual void submit(std::shared_ptr<Request> req) = 0;
+  // Queues entries [begin, end) of `req` (the QoS gate hands a request over in runs). Does
+  // not block on I/O. Thread-safe. Entries longer than req->max_op_bytes() are transferred in
+  // pieces of at most that size, one after another.
+  virtual void submit(std::shared_ptr<Request> req, size_t begin, size_t end) = 0;
   // Makes workers look at their requests now (after a cancel). Thread-safe.
   virtual void kick() noexcept = 0;
 

@@ -17,6 +17,7 @@
 #include "dpmove/backend.h"
 #include "dpmove/file.h"
 #include "dpmove/net.h"
+#include "dpmove/qos_gate.h"
 #include "dpmove/region.h"
 #include "dpmove/request.h"
 
@@ -32,10 +33,17 @@ struct EngineOptions {
   unsigned max_registered_files = 1024;
   int64_t default_timeout_ns = int64_t{60} * 1000000000;
   net::NetOptions net;  // listener settings; nothing listens until agent() is first used
+  // Traffic classes and windows of the two paths (file I/O, one-sided writes). Both must
+  // declare the same classes in the same order (a class id names the same class on both).
+  // Empty classes: one class "bulk", QoS off. net.lanes is derived from the classes' verbs
+  // markings.
+  qos::GateOptions storage_qos, net_qos;
+  int default_class = 0;  // what a request that names no class (-1) gets
 };
 
 class SlotRegistry;
 struct Kicker;
+class StorageSink;
 
 class Engine : public std::enable_shared_from_this<Engine> {
  public:
@@ -59,8 +67,15 @@ class Engine : public std::enable_shared_from_this<Engine> {
 
   // Validates every entry (UsageError naming the entry and what was expected), then queues the
   // request. timeout_ns < 0: the engine's default; INT64_MAX: no deadline.
+  // qos_class: index into the configured classes, -1 for the default class.
   std::shared_ptr<Request> submit(OpKind op, const std::shared_ptr<File>& file, const std::shared_ptr<Region>& region,
-                                  const IoEntry* entries, size_t n, int64_t timeout_ns, bool timing);
+                                  const IoEntry* entries, size_t n, int64_t timeout_ns, bool timing, int qos_class = -1);
+
+  // The QoS gates ("storage", "net"); valid until the engine is destroyed.
+  const std::shared_ptr<qos::Gate>& storage_gate() const noexcept { return storage_gate_; }
+  const std::shared_ptr<qos::Gate>& net_gate() const noexcept { return net_gate_; }
+  // Class index for a request: qos_class, or the default for -1; UsageError when out of range.
+  int resolve_class(int qos_class) const;
 
   // Cancels everything in flight, waits up to timeout_ns for the kernel to let go of the
   // buffers, stops the workers. Returns the entries still running (0: clean). Idempotent.
@@ -92,6 +107,8 @@ class Engine : public std::enable_shared_from_this<Engine> {
   mutable std::shared_mutex life_mu_;
   std::shared_ptr<Kicker> kicker_;
   BackendStats final_stats_;
+  std::shared_ptr<qos::Gate> storage_gate_, net_gate_;
+  std::shared_ptr<StorageSink> storage_sink_;
 };
 
 // Whether the io_uring backend was compiled in.

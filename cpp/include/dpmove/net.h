@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "dpmove/net_wire.h"
+#include "dpmove/qos_gate.h"
 #include "dpmove/region.h"
 #include "dpmove/request.h"
 
@@ -40,11 +41,22 @@ class Engine;
 
 namespace net {
 
+// A verbs lane: each peer connection keeps one RC queue pair per lane, whose address vector
+// carries these markings (set at every INIT->RTR). The engine derives the lanes from its QoS
+// configuration: one per distinct (ib_sl, roce_tclass) of its traffic classes.
+struct Lane {
+  uint8_t ib_sl = 0;        // InfiniBand service level, 0-15
+  uint8_t roce_tclass = 0;  // GRH traffic class (RoCE: DSCP << 2)
+};
+constexpr int kMaxLanes = 4;
+
 struct NetOptions {
   std::string listen_host = "127.0.0.1";  // "" or "0.0.0.0": every interface
   uint16_t listen_port = 0;               // 0: any free port
   bool listen_unix = true;                // abstract unix socket for same-host peers (shm)
   std::string name;                       // display name in metadata and messages
+  // Index = PutOp::lane; 1..kMaxLanes entries. Empty: kMaxLanes lanes, SL i, tclass i << 5.
+  std::vector<Lane> lanes;
 };
 
 struct ConnectOptions {
@@ -66,12 +78,19 @@ class Agent;
 
 // One put request's transport-side description. `req` entries: file_offset = offset in the
 // remote region, region_offset = offset in the local region (req->region()), length.
+class Transport;
+
 struct PutOp {
   std::shared_ptr<Request> req;
   RemoteHandle dst;
   std::vector<uint8_t> notify;
   bool has_notify = false;
-  int traffic_class = 0;
+  int lane = 0;  // verbs queue pair (NetOptions::lanes index)
+  // Streams: a request of the top QoS level may use a stream kept free of lower-level work.
+  bool urgent = false;
+  // The connection the put was accepted on: a put that waited in the QoS gate across a
+  // reconnect fails with that connection's error instead of moving to the new one.
+  std::weak_ptr<Transport> via;
   uint64_t seq = 0;  // per-peer sequence number, 1-based
 };
 
@@ -96,7 +115,9 @@ class Transport {
   virtual std::map<std::string, int64_t> stats() const { return {}; }
 };
 
-class Peer : public std::enable_shared_from_this<Peer> {
+// Requests pass the engine's "net" QoS gate (Agent::gate) between put() and the transport:
+// the gate dispatches them (Peer::dispatch), which is when they get their sequence number.
+class Peer : public qos::Sink, public std::enable_shared_from_this<Peer> {
  public:
   Peer(std::shared_ptr<Agent> local, Metadata remote, ConnectOptions opts);
   ~Peer();
@@ -107,7 +128,10 @@ class Peer : public std::enable_shared_from_this<Peer> {
   // before anything moves.
   std::shared_ptr<Request> put(const std::shared_ptr<Region>& src, const RemoteHandle& dst, const IoEntry* e,
                                size_t n, const uint8_t* notify, size_t notify_len, bool has_notify,
-                               int64_t timeout_ns, bool timing, int traffic_class);
+                               int64_t timeout_ns, bool timing, int qos_class = -1);
+  // qos::Sink: posts a put the gate let through (payload: its PutOp).
+  void dispatch(const std::shared_ptr<Request>& req, size_t begin, size_t end,
+                const std::shared_ptr<void>& payload) override;
   void close();
   bool closed() const noexcept { return closed_.load(); }
   std::string broken() const;
@@ -159,6 +183,9 @@ class Agent : public std::enable_shared_from_this<Agent> {
   const Id128& engine_id() const noexcept { return meta_.engine_id; }
   const Metadata& metadata() const noexcept { return meta_; }
   const std::string& name() const noexcept { return meta_.name; }
+  const NetOptions& options() const noexcept { return opts_; }
+  // Lane i's markings: options().lanes[i], or SL i / tclass i << 5 when none are configured.
+  Lane lane(int i) const noexcept;
   uint64_t next_request_id() { return request_id_(); }
 
   RemoteHandle expose(const std::shared_ptr<Region>& r, bool writable);
@@ -182,6 +209,13 @@ class Agent : public std::enable_shared_from_this<Agent> {
 
   static void set_control_handler(uint32_t op, ControlHandler h);
 
+  // The engine's network QoS gate and default class; set once, before start().
+  void set_qos(std::shared_ptr<qos::Gate> gate, int default_class);
+  const std::shared_ptr<qos::Gate>& gate() const noexcept { return gate_; }
+  // Class index for a put (-1: the default); UsageError when out of range.
+  int resolve_class(int qos_class) const;
+  int class_lane(int cls) const { return class_lane_.at(static_cast<size_t>(cls)); }
+
  private:
   struct Conn;
   struct Session;
@@ -195,6 +229,9 @@ class Agent : public std::enable_shared_from_this<Agent> {
                    std::vector<uint8_t> notify);
 
   NetOptions opts_;
+  std::shared_ptr<qos::Gate> gate_;
+  int default_class_ = 0;
+  std::vector<int> class_lane_;  // class index -> lane index
   std::function<uint64_t()> request_id_;
   Metadata meta_;
   std::atomic<bool> closed_{false};

@@ -19,6 +19,7 @@
 // Work-conserving: a throttled or empty class never blocks another class with work.
 #pragma once
 
+#include <climits>
 #include <cstdint>
 #include <deque>
 #include <string>
@@ -48,7 +49,7 @@ struct ClassStats {
   uint64_t bytes = 0;        // granted
   uint64_t ops = 0;          // granted
   uint64_t queued = 0;       // waiting now
-  uint64_t starvation_grants = 0;
+  uint64_t starvation_grants = 0;  // served by the starvation guard ahead of a higher level
   int64_t throttled_ns = 0;  // time with work but no tokens
   int64_t wait_p50_ns = 0, wait_p99_ns = 0, wait_max_ns = 0;
 };
@@ -63,12 +64,26 @@ class Arbiter {
   int find(const std::string& name) const;  // -1 when unknown
 
   void enqueue(int cls, uint64_t op, uint64_t bytes, int64_t now);
-  // The next operation to start, or false when none is eligible now.
-  bool dequeue(int64_t now, Grant* out);
+  // The next operation to start, or false when none is eligible now. Only classes of level
+  // >= min_level are considered (a caller whose lower-level window is full passes top_level()).
+  bool dequeue(int64_t now, Grant* out, int min_level = INT_MIN);
+  int top_level() const noexcept { return levels_.front(); }
   // Earliest time a throttled class with work becomes eligible; INT64_MAX when none waits
   // for tokens (then either something is eligible now or nothing is queued).
   int64_t next_eligible(int64_t now);
   uint64_t queued() const noexcept { return total_queued_; }
+  // Takes the queued operations of class `cls` for which pred(op id) holds out of the queue
+  // (their request ended before its turn): no tokens or deficit are charged. Returns how many.
+  template <class Pred>
+  size_t remove_if(int cls, Pred pred) {
+    auto& q = cls_.at(static_cast<size_t>(cls)).q;
+    size_t before = q.size();
+    for (auto it = q.begin(); it != q.end();) it = pred(it->id) ? q.erase(it) : it + 1;
+    size_t gone = before - q.size();
+    cls_[static_cast<size_t>(cls)].st.queued -= gone;
+    total_queued_ -= gone;
+    return gone;
+  }
 
   ClassStats stats(int cls) const;
 

@@ -18,6 +18,7 @@
 #pragma once
 
 #include <atomic>
+#include <climits>
 #include <condition_variable>
 #include <functional>
 #include <cstdint>
@@ -30,6 +31,9 @@ namespace dpmove {
 
 class File;
 class Region;
+namespace qos {
+class Gate;
+}
 
 enum class ReqState : int { kPending = 0, kDone = 1, kFailed = 2, kTimedOut = 3, kCancelled = 4 };
 // kPut: a one-sided write into a peer's exposed region (file() is null, target() names the peer).
@@ -118,6 +122,17 @@ class Request {
   // First entry whose status is not 0 (index, status), or (-1, 0).
   std::pair<int64_t, int32_t> first_failure() const noexcept;
 
+  // --- QoS (qos::Gate) ---
+  // Ties the request to the gate of its path before it is shared: every entry the gate
+  // dispatched reports its end (finish or sweep) to gate.release exactly once.
+  void qos_attach(std::shared_ptr<qos::Gate> gate, int cls, int64_t max_op_bytes);
+  int qos_class() const noexcept { return qos_cls_; }
+  // Largest single kernel operation for this request's entries (backends split longer ones).
+  int64_t max_op_bytes() const noexcept { return max_op_bytes_; }
+  // The gate marks [begin, end) dispatched; returns the bytes of those entries that had
+  // already ended (swept while queued), which the gate must not count as in flight.
+  uint64_t qos_dispatched(size_t begin, size_t end) noexcept;
+
  private:
   bool set_terminal(ReqState s) noexcept;  // CAS from kPending; the caller notifies
   void sweep(int32_t status) noexcept;     // kEntryPending -> status for all entries
@@ -142,6 +157,14 @@ class Request {
   std::atomic<int64_t> failed_{0};
   std::atomic<int64_t> bytes_done_{0};
   std::atomic<int64_t> duplicates_{0};
+
+  // Per entry: bit 1 dispatched by the gate, bit 2 ended. Whoever sets the second bit
+  // releases the entry's bytes, so a release happens once whatever the order.
+  std::unique_ptr<std::atomic<uint8_t>[]> qos_flags_;
+  std::shared_ptr<qos::Gate> gate_;
+  int qos_cls_ = -1;
+  int64_t max_op_bytes_ = INT64_MAX;
+  void qos_ended(size_t i) noexcept;
 
   std::string detail_;  // guarded by mu_
   std::function<void()> kick_;  // set before the request is shared; read-only afterwards

@@ -20,7 +20,7 @@ class ThreadPoolBackend final : public Backend {
   // Runs only after a clean shutdown (no thread left running).
   ~ThreadPoolBackend() override;
   const char* name() const noexcept override { return "threadpool"; }
-  void submit(std::shared_ptr<Request> req) override;
+  void submit(std::shared_ptr<Request> req, size_t begin, size_t end) override;
   void kick() noexcept override {}
   int64_t shutdown(int64_t timeout_ns) override;
   BackendStats stats() const noexcept override;
@@ -29,7 +29,7 @@ class ThreadPoolBackend final : public Backend {
  private:
   struct Item {
     std::shared_ptr<Request> req;
-    size_t next;
+    size_t next, end;
   };
   void run();
   void execute(Request& req, size_t i);

@@ -38,7 +38,7 @@ class UringBackend final : public Backend {
   ~UringBackend() override;
 
   const char* name() const noexcept override { return "io_uring"; }
-  void submit(std::shared_ptr<Request> req) override;
+  void submit(std::shared_ptr<Request> req, size_t begin, size_t end) override;
   void kick() noexcept override;
   bool fixed_buffers() const noexcept override { return fixed_buffers_; }
   bool fixed_files() const noexcept override { return fixed_files_; }
