@@ -1,4 +1,4 @@
-"""Command line: ``dpmove info``, ``dpmove bench ssd`` and ``dpmove bench net``."""
+"""Command line: ``dpmove info``, ``dpmove bench ssd``, ``dpmove bench net`` and ``dpmove bench qos``."""
 
 from __future__ import annotations
 
@@ -41,10 +41,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     pb = sub.add_parser("bench", help="microbenchmarks")
     bsub = pb.add_subparsers(dest="bench", required=True)
-    from .bench import net as bench_net, ssd
+    from .bench import net as bench_net, qos as bench_qos, ssd
 
     ssd.add_parser(bsub)
     bench_net.add_parser(bsub)
+    bench_qos.add_parser(bsub)
 
     args = p.parse_args(argv)
     try:
