@@ -350,3 +350,28 @@ def test_environment_sets_paths_and_switches_qos_off() -> None:
         QosConfig.from_env({"DPMOVE_QOS": "paths.disk.inflight=3"})
     with pytest.raises(ValueError, match="enabled must be true or false"):
         QosConfig.from_env({"DPMOVE_QOS": "enabled=maybe"})
+
+
+def test_a_path_rate_limits_one_path_only(net_engines, data_file, rng) -> None:  # noqa: F811
+    """paths.storage.rates caps kv_load storage reads (a slower storage NIC) while kv_load
+    writes over shm stay unlimited; the class's own rate would cap both."""
+    path, data = data_file
+    c = QosConfig.from_env({"DPMOVE_QOS": "paths.storage.rates.kv_load.rate=4MiB;paths.storage.rates.kv_load.burst=512KiB"})
+    assert c.paths["storage"].rates == {"kv_load": {"rate": 4.0 * MiB, "burst": 512 * KiB}} and c.classes["kv_load"].rate == 0
+    tx, src, peer, h, dst = shm_pair(net_engines, c)
+    f = tx.open(path, "r")
+    t0 = time.monotonic()
+    req = tx.read(f, src, dpmove.entries(np.arange(8) * 256 * KiB, np.arange(8) * 256 * KiB, 256 * KiB),
+                  traffic_class="kv_load")
+    assert finished(req) == dpmove.RequestState.DONE
+    assert time.monotonic() - t0 >= (2 - 0.5) / 4 * 0.95
+    np.testing.assert_array_equal(src.numpy()[: 2 * MiB], data[: 2 * MiB])
+    assert tx.qos_stats()["storage"]["kv_load"]["throttled_ns"] > 0
+    req = net_engines.write(peer, src, h, [(0, 0, 8 * MiB)], traffic_class="kv_load")
+    assert req.wait(30) == dpmove.RequestState.DONE
+    assert tx.qos_stats()["net"]["kv_load"]["throttled_ns"] == 0
+    np.testing.assert_array_equal(dst.numpy(), src.numpy())
+    with pytest.raises(ValueError, match="not a declared class"):
+        QosConfig.from_env({"DPMOVE_QOS": "paths.net.rates.gold.rate=1"})
+    with pytest.raises(ValueError, match="rate and/or burst only"):
+        QosConfig().update({"paths": {"net": {"rates": {"bulk": {"weight": 2}}}}})

@@ -164,6 +164,10 @@ void apply_qos(EngineOptions& o, const py::dict& q) {
   auto path = [&](const char* name) {
     qos::GateOptions g = base;
     auto p = q[name].cast<py::dict>();
+    if (p.contains("classes")) {  // the path's own rate limits (PathLimits.rates)
+      g.classes.clear();
+      for (auto c : p["classes"].cast<py::list>()) g.classes.push_back(qos_class_from(c));
+    }
     g.inflight_bytes = p["inflight_bytes"].cast<uint64_t>();
     g.low_inflight_bytes = p["low_inflight_bytes"].cast<uint64_t>();
     g.low_chunk_bytes = p["low_chunk_bytes"].cast<uint64_t>();

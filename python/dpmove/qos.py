@@ -19,7 +19,12 @@ TOML file; ``DPMOVE_QOS`` holds ``class.field=value`` pairs separated by ``;``):
     rate = "2.5 GB"        # bytes per second; a number or a size string
     burst = "64 MiB"
 
-    DPMOVE_QOS="kv_load.rate=1e9;control.ib_sl=2"
+    [paths.storage]        # in-flight windows of file I/O (see PathLimits)
+    low_inflight = "512 KiB"
+    [paths.storage.rates.kv_load]
+    rate = "1.2 GB"        # this path only: play a node's storage NIC
+
+    DPMOVE_QOS="kv_load.rate=1e9;control.ib_sl=2;paths.storage.rates.kv_load.rate=1.2e9"
 """
 
 from __future__ import annotations
@@ -111,12 +116,16 @@ class PathLimits:
     reserve_idle_ms: low_inflight holds while the top level is active - something of it in
     flight, or its last request or completion less than this long ago; after that the lower
     levels may fill the path (work-conserving). 0: low_inflight always holds.
+    rates: per-class rate limits on this path only, {class: {"rate": bytes/s, "burst": bytes}},
+    overriding the class's own - e.g. cap ``kv_load`` storage reads to play a node's storage
+    NIC while its network writes stay unlimited.
     """
 
     inflight: int = 0
     low_inflight: int = 0
     low_chunk: int = 0
     reserve_idle_ms: float = 100.0
+    rates: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def validate(self, path: str) -> None:
         for f in ("inflight", "low_inflight", "low_chunk"):
@@ -125,6 +134,14 @@ class PathLimits:
             0 <= self.reserve_idle_ms < 1e9
         ):
             raise ValueError(f"paths.{path}.reserve_idle_ms must be a number of milliseconds >= 0, got {self.reserve_idle_ms!r}")
+        if not isinstance(self.rates, Mapping):
+            raise ValueError(f"paths.{path}.rates must be a table of class -> {{rate, burst}}, got {self.rates!r}")
+        for cls, spec in self.rates.items():
+            if not isinstance(spec, Mapping) or not spec or set(spec) - {"rate", "burst"}:
+                raise ValueError(f"paths.{path}.rates.{cls} must set rate and/or burst only, got {spec!r}")
+            self.rates[cls] = {
+                k: (float if k == "rate" else int)(_bytes(v, f"paths.{path}.rates.{cls}.{k}")) for k, v in spec.items()
+            }
         if self.low_chunk % 4096:
             raise ValueError(f"paths.{path}.low_chunk must be a multiple of 4096 bytes, got {self.low_chunk}")
 
@@ -179,6 +196,9 @@ class QosConfig:
             raise ValueError(f"qos: paths must be exactly 'storage' and 'net', got {sorted(self.paths)}")
         for name, p in self.paths.items():
             p.validate(name)
+            for cls in p.rates:
+                if cls not in self.classes:
+                    raise ValueError(f"qos: paths.{name}.rates names {cls!r}, which is not a declared class ({list(self.classes)})")
         lanes = {(c.ib_sl, c.roce_tclass) for c in self.classes.values()}
         if len(lanes) > 4:
             raise ValueError(f"qos: the classes name {len(lanes)} distinct (ib_sl, roce_tclass) lanes; verbs supports at most 4")
@@ -224,7 +244,13 @@ class QosConfig:
             for k, v in spec.items():
                 if k not in pfields:
                     raise ValueError(f"{source}: unknown field paths.{pname}.{k} (expected one of {sorted(pfields)})")
-                setattr(self.paths[pname], k, v)
+                if k == "rates" and isinstance(v, Mapping):  # merged per class, like the classes table
+                    for cls, spec in v.items():
+                        if not isinstance(spec, Mapping):
+                            raise ValueError(f"{source}: paths.{pname}.rates.{cls} must be a table")
+                        self.paths[pname].rates.setdefault(cls, {}).update(spec)
+                else:
+                    setattr(self.paths[pname], k, v)
         fields = {f.name for f in dataclasses.fields(TrafficClass)} - {"name"}
         for name, spec in (data.get("classes") or {}).items():
             if not isinstance(spec, Mapping):
@@ -273,7 +299,14 @@ class QosConfig:
                     pname, dot2, pfield = field.partition(".")
                     if not dot2:
                         raise ValueError(f"DPMOVE_QOS: expected paths.<storage|net>.<field>=value, got {item!r}")
-                    paths.setdefault(pname, {})[pfield] = v
+                    if pfield.startswith("rates."):
+                        parts = pfield.split(".")
+                        if len(parts) != 3:
+                            raise ValueError(f"DPMOVE_QOS: expected paths.<path>.rates.<class>.<rate|burst>=value, got {item!r}")
+                        rates = paths.setdefault(pname, {}).setdefault("rates", {})
+                        rates.setdefault(parts[1], {})[parts[2]] = v
+                    else:
+                        paths.setdefault(pname, {})[pfield] = v
                 elif dot:
                     classes.setdefault(name, {})[field] = v
                 else:
@@ -308,6 +341,7 @@ class QosConfig:
             "default_class": names.index(self.default_class),
             **{
                 name: {
+                    "classes": [self._core_class(c, p.rates.get(n)) for n, c in self.classes.items()],
                     "inflight_bytes": p.inflight,
                     "low_inflight_bytes": p.low_inflight,
                     "low_chunk_bytes": p.low_chunk,
@@ -318,13 +352,14 @@ class QosConfig:
         }
 
     @staticmethod
-    def _core_class(c: TrafficClass) -> dict:
+    def _core_class(c: TrafficClass, rate: Optional[Mapping[str, Any]] = None) -> dict:
+        rate = rate or {}
         return {
             "name": c.name,
             "level": c.level,
             "weight": c.weight,
-            "rate_bps": float(c.rate),
-            "burst_bytes": int(c.burst),
+            "rate_bps": _bytes(rate.get("rate", c.rate), f"{c.name}.rate"),
+            "burst_bytes": int(_bytes(rate.get("burst", c.burst), f"{c.name}.burst")),
             "ib_sl": c.ib_sl,
             "roce_tclass": c.roce_tclass,
         }
