@@ -375,3 +375,34 @@ def test_a_path_rate_limits_one_path_only(net_engines, data_file, rng) -> None: 
         QosConfig.from_env({"DPMOVE_QOS": "paths.net.rates.gold.rate=1"})
     with pytest.raises(ValueError, match="rate and/or burst only"):
         QosConfig().update({"paths": {"net": {"rates": {"bulk": {"weight": 2}}}}})
+
+
+def _nice_threads() -> int:
+    """Threads of this process running at nice 10 (field 19 of /proc/<pid>/task/<tid>/stat)."""
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        n += fields[16] == "10"
+    return n
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_bulk_stream_threads_yield_the_cpu_only_with_qos_on(net_engines, rng, enabled) -> None:  # noqa: F811
+    """streams=3 with QoS on: stream 0 is the urgent lane, the two bulk streams' threads run at
+    nice 10. QoS off: no lane, no nice; writes still use every stream and land."""
+    c = QosConfig(enabled=enabled)
+    before = _nice_threads()
+    tx, src, peer, h, dst = shm_pair(net_engines, c, streams=3)
+    assert _nice_threads() - before == (2 if enabled else 0)
+    src.numpy()[:] = rand_bytes(rng, 8 * MiB)
+    reqs = [net_engines.write(peer, src, h, [(0, 0, 4 * MiB)], traffic_class="kv_load"),
+            net_engines.write(peer, src, h, [(4 * MiB, 4 * MiB, 4 * MiB)], traffic_class="control")]
+    for r in reqs:
+        assert r.wait(30) == dpmove.RequestState.DONE
+    np.testing.assert_array_equal(dst.numpy(), src.numpy())
+    peer.close()
+    assert _nice_threads() == before

@@ -807,7 +807,9 @@ size_t Agent::pending_notifications() const {
 
 std::shared_ptr<Peer> Agent::connect(const Metadata& m, const ConnectOptions& o) {
   if (closed_.load()) throw ClosedError("Engine is closed");
-  auto p = std::make_shared<Peer>(shared_from_this(), m, o);
+  ConnectOptions co = o;
+  co.urgent_lane = gate_ && gate_->options().enabled;
+  auto p = std::make_shared<Peer>(shared_from_this(), m, co);
   p->connect();
   {
     std::lock_guard<std::mutex> lk(mu_);

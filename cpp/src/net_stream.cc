@@ -17,6 +17,8 @@
 #include <poll.h>
 #include <fcntl.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -160,6 +162,7 @@ class StreamTransport final : public Transport, public std::enable_shared_from_t
   bool finished_all_ = false;
   bool joined_ = false;
   uint64_t rr_ = 0;
+  bool urgent_lane_ = false;  // set before the threads start
 
   std::mutex join_mu_;  // serialises shutdown()'s joins
 
@@ -224,7 +227,14 @@ void StreamTransport::open(Agent& local, const Metadata& remote, const ConnectOp
   }
   std::lock_guard<std::mutex> lk(mu_);
   live_ = static_cast<int>(streams_.size());
-  for (size_t k = 0; k < streams_.size(); ++k) streams_[k]->th = std::thread([this, k] { run(k); });
+  urgent_lane_ = o.urgent_lane && streams_.size() >= 2;
+  for (size_t k = 0; k < streams_.size(); ++k)
+    streams_[k]->th = std::thread([this, k] {
+      // Bulk lanes yield the CPU to the urgent one (raising one's own nice value needs no
+      // privilege; a failure only loses the hint).
+      if (urgent_lane_ && k > 0) (void)!setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 10);
+      run(k);
+    });
 }
 
 void StreamTransport::prepare(const RemoteHandle& dst) {
@@ -342,12 +352,12 @@ void StreamTransport::post(std::shared_ptr<PutOp> op) {
       if (r.start(i)) r.finish(i, -err, 0);
     return;
   }
-  // Split by bytes into runs, one per stream. With two streams or more, stream 0 is kept for
-  // top-level (urgent) requests and the others carry the rest, so a latency-critical write
-  // never queues behind a bulk one on the same socket or copy thread.
+  // Split by bytes into runs, one per stream. With an urgent lane (QoS on, two streams or
+  // more), stream 0 is kept for top-level (urgent) requests and the others carry the rest, so
+  // a latency-critical write never queues behind a bulk one on the same socket or thread.
   size_t n = r.size();
   size_t lo = 0, ns = streams_.size();
-  if (ns >= 2) {
+  if (urgent_lane_) {
     lo = op->urgent ? 0 : 1;
     ns = op->urgent ? 1 : ns - 1;
   }
