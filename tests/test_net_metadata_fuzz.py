@@ -430,7 +430,7 @@ def test_raw_hello_refusals(raw_world):
         (dict(channel=3), errno.EPROTO, "unix"),  # shm control over tcp
         (dict(channel=77), errno.EPROTONOSUPPORT, "channel"),
         (dict(streams=0), errno.EPROTO, "stream"),
-        (dict(streams=17), errno.EPROTO, "stream"),
+        (dict(streams=18), errno.EPROTO, "stream"),  # 16 asked for + the urgent lane is the most
         (dict(stream=3, streams=2), errno.EPROTO, "stream"),
     ]
     for kw, err, msg in cases:

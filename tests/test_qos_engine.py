@@ -392,12 +392,13 @@ def _nice_threads() -> int:
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_bulk_stream_threads_yield_the_cpu_only_with_qos_on(net_engines, rng, enabled) -> None:  # noqa: F811
-    """streams=3 with QoS on: stream 0 is the urgent lane, the two bulk streams' threads run at
-    nice 10. QoS off: no lane, no nice; writes still use every stream and land."""
+    """streams=3 with QoS on: three bulk streams whose threads run at nice 10, and one more,
+    the urgent lane. QoS off: three streams, no lane, no nice; writes land either way."""
     c = QosConfig(enabled=enabled)
     before = _nice_threads()
     tx, src, peer, h, dst = shm_pair(net_engines, c, streams=3)
-    assert _nice_threads() - before == (2 if enabled else 0)
+    assert _nice_threads() - before == (3 if enabled else 0)
+    assert peer.stats()["streams"] == (4 if enabled else 3)
     src.numpy()[:] = rand_bytes(rng, 8 * MiB)
     reqs = [net_engines.write(peer, src, h, [(0, 0, 4 * MiB)], traffic_class="kv_load"),
             net_engines.write(peer, src, h, [(4 * MiB, 4 * MiB, 4 * MiB)], traffic_class="control")]

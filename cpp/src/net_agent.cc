@@ -482,7 +482,8 @@ void Agent::serve(std::shared_ptr<Conn> c) {
       return;
     }
   }
-  if (f.offset < 1 || f.offset > 16 || f.aux >= f.offset) {
+  // Up to 16 streams a writer asks for, plus its urgent lane (ConnectOptions::urgent_lane).
+  if (f.offset < 1 || f.offset > 17 || f.aux >= f.offset) {
     send_error(c->fd, EPROTO, "bad stream numbering");
     return;
   }

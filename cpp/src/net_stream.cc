@@ -178,7 +178,9 @@ void StreamTransport::open(Agent& local, const Metadata& remote, const ConnectOp
   uint64_t session;
   Id128 r = random_id();
   std::memcpy(&session, r.data(), sizeof session);
-  int nstreams = o.streams;  // shm: one copy thread per stream
+  // shm: one copy thread per stream. With the urgent lane, one more stream (number 0) for the
+  // top QoS level, so the `streams` the caller asked for all carry the rest.
+  int nstreams = o.streams + (o.urgent_lane ? 1 : 0);
   std::string last_err;
   auto connect_one = [&](Channel ch, uint32_t k) -> int {
     int fd = -1;
@@ -227,7 +229,7 @@ void StreamTransport::open(Agent& local, const Metadata& remote, const ConnectOp
   }
   std::lock_guard<std::mutex> lk(mu_);
   live_ = static_cast<int>(streams_.size());
-  urgent_lane_ = o.urgent_lane && streams_.size() >= 2;
+  urgent_lane_ = o.urgent_lane;
   for (size_t k = 0; k < streams_.size(); ++k)
     streams_[k]->th = std::thread([this, k] {
       // Bulk lanes yield the CPU to the urgent one (raising one's own nice value needs no
@@ -352,9 +354,9 @@ void StreamTransport::post(std::shared_ptr<PutOp> op) {
       if (r.start(i)) r.finish(i, -err, 0);
     return;
   }
-  // Split by bytes into runs, one per stream. With an urgent lane (QoS on, two streams or
-  // more), stream 0 is kept for top-level (urgent) requests and the others carry the rest, so
-  // a latency-critical write never queues behind a bulk one on the same socket or thread.
+  // Split by bytes into runs, one per stream. With the urgent lane (QoS on), stream 0 is kept
+  // for top-level (urgent) requests and the others carry the rest, so a latency-critical
+  // write never queues behind a bulk one on the same socket or thread.
   size_t n = r.size();
   size_t lo = 0, ns = streams_.size();
   if (urgent_lane_) {

@@ -65,10 +65,10 @@ struct ConnectOptions {
   int64_t timeout_ns = int64_t{10} * 1000000000;  // connection set-up
   int chain = 32;                  // verbs: work requests per post call (doorbell batch)
   int signal_every = 16;           // verbs: one signalled WR every k
-  // shm/tcp with streams >= 2: stream 0 carries the top QoS level only, the other streams
-  // the rest, with their threads at a lower CPU priority (nice +10) so a latency-critical
-  // copy or send is not kept waiting for a core by a bulk one. Set by the engine when QoS
-  // is on.
+  // shm/tcp: one more stream (number 0), the urgent lane, carries the top QoS level only;
+  // the `streams` others carry the rest, their threads at a lower CPU priority (nice +10) so
+  // a latency-critical copy or send is not kept waiting for a core by a bulk one. Set by the
+  // engine when QoS is on.
   bool urgent_lane = false;
 };
 
