@@ -350,6 +350,8 @@ def test_environment_sets_paths_and_switches_qos_off() -> None:
         QosConfig.from_env({"DPMOVE_QOS": "paths.disk.inflight=3"})
     with pytest.raises(ValueError, match="enabled must be true or false"):
         QosConfig.from_env({"DPMOVE_QOS": "enabled=maybe"})
+    with pytest.raises(ValueError, match="paths must be a table"):
+        QosConfig.from_env({"DPMOVE_QOS": "paths=1"})
 
 
 def test_a_path_rate_limits_one_path_only(net_engines, data_file, rng) -> None:  # noqa: F811
@@ -407,3 +409,54 @@ def test_bulk_stream_threads_yield_the_cpu_only_with_qos_on(net_engines, rng, en
     np.testing.assert_array_equal(dst.numpy(), src.numpy())
     peer.close()
     assert _nice_threads() == before
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_puts_of_one_thread_keep_their_order_through_a_full_window(net_engines, transport) -> None:  # noqa: F811
+    """A 32 KiB window keeps most of 3000 puts queued, so the caller's thread and the gate's
+    thread both dispatch; the receiver must still see the notifications in request order."""
+    c = QosConfig()
+    c.paths["net"] = PathLimits(low_inflight=32 * KiB, reserve_idle_ms=0)
+    rx = net_engines("rx", qos=c)
+    tx = net_engines("tx", qos=c)
+    dst = rx.alloc(4 * MiB)
+    h = rx.expose(dst, writable=True)
+    peer = tx.connect(rx.metadata(), transport=transport, streams=1)
+    src = tx.alloc(4 * MiB)
+    n = 3000
+    for i in range(n):
+        off = (i % 512) * 4 * KiB
+        net_engines.write(peer, src, h, [(off, off, 4 * KiB)], notify=b"%d" % i, traffic_class="kv_load", timeout_s=60)
+    got = []
+    while len(got) < n:
+        note = rx.next_notification(timeout_s=30)
+        assert note is not None, f"only {len(got)} of {n} notifications"
+        got.append(int(note.data))
+    assert got == list(range(n))
+    assert tx.qos_stats()["net"]["kv_load"]["wait_max_ns"] > 0  # the window did hold puts back
+
+
+def test_counters_after_close_and_after_purge(make_engine, data_file) -> None:
+    """close() leaves no queued work in the counters; a class emptied by cancel stops being
+    counted as throttled (time with nothing queued is not throttled time)."""
+    path, _ = data_file
+    eng = make_engine(qos=cfg(bulk=(1 * MiB, 64 * KiB)))
+    f = eng.open(path, "r")
+    region = eng.alloc(4 * MiB)
+    slow = eng.read(f, region, dpmove.entries(np.arange(8) * 64 * KiB, np.arange(8) * 64 * KiB, 64 * KiB),
+                    traffic_class="bulk")
+    wait_for(lambda: eng.qos_stats()["storage"]["bulk"]["queued_ops"] > 0, 10, "bulk to queue")
+    time.sleep(0.05)
+    slow.cancel()
+    assert slow.wait_quiesced(10)
+    throttled = eng.qos_stats()["storage"]["bulk"]["throttled_ns"]
+    time.sleep(0.5)
+    req = eng.read(f, region, [(0, 0, 4096)], traffic_class="bulk")
+    assert req.wait(10) == dpmove.RequestState.DONE
+    assert eng.qos_stats()["storage"]["bulk"]["throttled_ns"] - throttled < 0.3e9
+    queued = [eng.read(f, region, [(i * 64 * KiB, 0, 64 * KiB)], traffic_class="bulk") for i in range(8)]
+    wait_for(lambda: eng.qos_stats()["storage"]["bulk"]["queued_ops"] > 0, 10, "bulk to queue")
+    eng.close()
+    assert all(r.wait_quiesced(10) for r in queued)
+    st = eng.qos_stats()["storage"]["bulk"]
+    assert st["queued_ops"] == 0 and st["queued_bytes"] == 0, st

@@ -80,8 +80,10 @@ void Gate::submit(const std::shared_ptr<Request>& req, int cls, std::shared_ptr<
     it.cls = cls;
     items.push_back(std::move(it));
   }
-  std::vector<Item> go;
+  std::vector<Item> go, drop;
   bool refused = false;
+  std::unique_lock<std::mutex> order(dispatch_mu_, std::defer_lock);
+  if (arb_) order.lock();  // FIFO dispatches on the caller's thread only: arrival order holds
   {
     std::lock_guard<std::mutex> lk(mu_);
     if (closed_) {
@@ -112,7 +114,7 @@ void Gate::submit(const std::shared_ptr<Request>& req, int cls, std::shared_ptr<
         slab_[id] = std::move(it);
         ids.push_back(id);
       }
-      pump_locked(now, &go);
+      pump_locked(now, &go, &drop);
       // What stays queued waits for tokens or a window: the gate's thread must (re)compute
       // when to look again.
       if (arb_->queued()) cv_.notify_one();
@@ -129,7 +131,7 @@ void Gate::submit(const std::shared_ptr<Request>& req, int cls, std::shared_ptr<
   dispatch_all(go);
 }
 
-void Gate::pump_locked(int64_t now, std::vector<Item>* out) {
+void Gate::pump_locked(int64_t now, std::vector<Item>* out, std::vector<Item>* drop) {
   pump_ = false;
   if (!arb_) return;
   Grant g;
@@ -147,7 +149,10 @@ void Gate::pump_locked(int64_t now, std::vector<Item>* out) {
     queued_bytes_[c] -= it.bytes;
     // A request that ended while queued had its entries swept; nothing of it goes out. (Its
     // bytes were taken from the class's token bucket all the same.)
-    if (it.req->terminal() && it.begin != it.end) continue;
+    if (it.req->terminal() && it.begin != it.end) {
+      drop->push_back(std::move(it));
+      continue;
+    }
     inflight_[c] += it.bytes;
     inflight_total_ += it.bytes;
     if (opts_.classes[c].level != top_level_) inflight_low_ += it.bytes;
@@ -193,7 +198,7 @@ void Gate::purge(const Request* req, int cls) noexcept {
   {
     std::lock_guard<std::mutex> lk(mu_);
     if (!arb_ || closed_) return;
-    arb_->remove_if(cls, [&](uint64_t id) {
+    arb_->remove_if(cls, now_ns(), [&](uint64_t id) {
       Item& it = slab_[id];
       if (it.req.get() != req) return false;
       queued_bytes_[static_cast<size_t>(cls)] -= it.bytes;
@@ -205,8 +210,24 @@ void Gate::purge(const Request* req, int cls) noexcept {
   }
 }
 
+void Gate::prune_deadlines_locked() {
+  // The heap holds requests that were queued at some point; most leave the queue long before
+  // their deadline. Rebuilt when it outgrows what is queued, keeping requests still queued.
+  if (deadlines_.size() < 4096 || deadlines_.size() < 4 * (arb_->queued() + 1)) return;
+  std::vector<const Request*> live;
+  for (auto& it : slab_)
+    if (it.req) live.push_back(it.req.get());
+  std::sort(live.begin(), live.end());
+  decltype(deadlines_) kept;
+  for (; !deadlines_.empty(); deadlines_.pop()) {
+    auto r = deadlines_.top().second.lock();
+    if (r && std::binary_search(live.begin(), live.end(), r.get())) kept.push(deadlines_.top());
+  }
+  deadlines_.swap(kept);
+}
+
 void Gate::run() {
-  std::vector<Item> go;
+  std::vector<Item> go, drop;
   std::unique_lock<std::mutex> lk(mu_);
   while (!stop_) {
     int64_t now = now_ns();
@@ -225,12 +246,18 @@ void Gate::run() {
       continue;
     }
     if (pump_) {
-      pump_locked(now, &go);
-      if (!go.empty()) {
-        lk.unlock();
+      lk.unlock();  // dispatch_mu_ comes before mu_
+      {
+        std::lock_guard<std::mutex> order(dispatch_mu_);
+        {
+          std::lock_guard<std::mutex> l2(mu_);
+          pump_locked(now_ns(), &go, &drop);
+        }
         dispatch_all(go);
-        lk.lock();
       }
+      drop.clear();
+      lk.lock();
+      prune_deadlines_locked();
       continue;
     }
     int64_t wake = arb_->queued() ? arb_->next_eligible(now) : INT64_MAX;
@@ -258,6 +285,11 @@ void Gate::close() {
       if (it.req) left.push_back(std::move(it));
     slab_.clear();
     free_.clear();
+    if (arb_) {
+      int64_t now = now_ns();
+      for (size_t c = 0; c < opts_.classes.size(); ++c) arb_->remove_if(static_cast<int>(c), now, [](uint64_t) { return true; });
+    }
+    std::fill(queued_bytes_.begin(), queued_bytes_.end(), 0);
     while (!deadlines_.empty()) deadlines_.pop();
     cv_.notify_all();
   }

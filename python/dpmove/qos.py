@@ -236,6 +236,8 @@ class QosConfig:
                 v = bool(v)
             self.enabled = v
         pfields = {f.name for f in dataclasses.fields(PathLimits)}
+        if "paths" in data and not isinstance(data["paths"], Mapping):
+            raise ValueError(f"{source}: paths must be a table of storage / net, got {data['paths']!r}")
         for pname, spec in (data.get("paths") or {}).items():
             if pname not in self.paths:
                 raise ValueError(f"{source}: unknown path {pname!r} (expected 'storage' or 'net')")

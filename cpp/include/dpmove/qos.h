@@ -19,6 +19,7 @@
 // Work-conserving: a throttled or empty class never blocks another class with work.
 #pragma once
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <deque>
@@ -73,15 +74,20 @@ class Arbiter {
   int64_t next_eligible(int64_t now);
   uint64_t queued() const noexcept { return total_queued_; }
   // Takes the queued operations of class `cls` for which pred(op id) holds out of the queue
-  // (their request ended before its turn): no tokens or deficit are charged. Returns how many.
+  // (their request ended before its turn): no tokens or deficit are charged. A class left
+  // with nothing queued stops counting throttled time at `now`. Returns how many.
   template <class Pred>
-  size_t remove_if(int cls, Pred pred) {
-    auto& q = cls_.at(static_cast<size_t>(cls)).q;
-    size_t before = q.size();
-    for (auto it = q.begin(); it != q.end();) it = pred(it->id) ? q.erase(it) : it + 1;
-    size_t gone = before - q.size();
-    cls_[static_cast<size_t>(cls)].st.queued -= gone;
+  size_t remove_if(int cls, int64_t now, Pred pred) {
+    Class& c = cls_.at(static_cast<size_t>(cls));
+    size_t before = c.q.size();
+    for (auto it = c.q.begin(); it != c.q.end();) it = pred(it->id) ? c.q.erase(it) : it + 1;
+    size_t gone = before - c.q.size();
+    c.st.queued -= gone;
     total_queued_ -= gone;
+    if (c.q.empty() && c.throttled_since >= 0) {
+      c.st.throttled_ns += std::max<int64_t>(0, now - c.throttled_since);
+      c.throttled_since = -1;
+    }
     return gone;
   }
 

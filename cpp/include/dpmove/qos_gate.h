@@ -122,15 +122,21 @@ class Gate : public std::enable_shared_from_this<Gate> {
     int cls = -1;
     uint64_t bytes = 0;
   };
-  // Pops what may go now into `out` (caller holds mu_).
-  void pump_locked(int64_t now, std::vector<Item>* out);
+  // Pops what may go now into `out`, and the items of requests that ended while queued into
+  // `drop` (destroyed by the caller after unlocking). Caller holds dispatch_mu_ and mu_.
+  void pump_locked(int64_t now, std::vector<Item>* out, std::vector<Item>* drop);
   void dispatch_all(std::vector<Item>& items);
+  void prune_deadlines_locked();
   void run();
 
   const std::string path_;
   const GateOptions opts_;
   int top_level_ = 0;
 
+  // Held from taking operations off the queue until they are handed to their sinks (QoS on),
+  // so they reach a sink in the order they left the queue: puts of one class from one thread
+  // keep their order on the wire whichever thread dispatches them. Taken before mu_.
+  std::mutex dispatch_mu_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::unique_ptr<Arbiter> arb_;  // QoS on only
