@@ -82,24 +82,40 @@ def test_every_class_reads_right_bytes_and_is_counted(make_engine, data_file, rn
     assert "qos" in eng.stats()
 
 
-def test_low_levels_go_to_the_kernel_in_chunks_the_top_level_whole(make_engine, data_file) -> None:
-    """Below the top level an entry is read in low_chunk pieces (default 128 KiB), one after
-    another in the same slot; control entries go whole. The bytes are the same either way."""
+def test_low_levels_go_to_the_kernel_in_chunks_while_the_top_level_is_active(make_engine, data_file) -> None:
+    """While control is active (in flight, or seen within reserve_idle_ms) a lower class's
+    entry is read in low_chunk pieces (default 128 KiB), one after another in the same slot;
+    control's own entries go whole, and so do KV's once control has been idle that long.
+    The bytes are the same every way."""
     path, data = data_file
-    eng = make_engine()
+    c = QosConfig()
+    c.paths["storage"].reserve_idle_ms = 60_000  # "recently active" for the whole test
+    eng = make_engine(qos=c)
     f = eng.open(path, "r")
     region = eng.alloc(4 * MiB)
     before = eng.stats()["ops_submitted"]
-    req = eng.read(f, region, [(4096, 0, 2 * MiB)], traffic_class="kv_load")
-    assert finished(req) == dpmove.RequestState.DONE
-    mid = eng.stats()["ops_submitted"]
-    assert mid - before == 16
     req = eng.read(f, region, [(0, 2 * MiB, 2 * MiB)], traffic_class="control")
     assert finished(req) == dpmove.RequestState.DONE
-    assert eng.stats()["ops_submitted"] - mid == 1
+    mid = eng.stats()["ops_submitted"]
+    assert mid - before == 1
+    req = eng.read(f, region, [(4096, 0, 2 * MiB)], traffic_class="kv_load")
+    assert finished(req) == dpmove.RequestState.DONE
+    assert eng.stats()["ops_submitted"] - mid == 16
     assert eng.stats()["resubmits"] == 0  # a piece is not a retry
     np.testing.assert_array_equal(region.numpy()[: 2 * MiB], data[4096 : 4096 + 2 * MiB])
     np.testing.assert_array_equal(region.numpy()[2 * MiB :], data[: 2 * MiB])
+
+    c.paths["storage"].reserve_idle_ms = 1  # control idle after 1 ms: KV goes whole
+    eng = make_engine(qos=c)
+    f = eng.open(path, "r")
+    region = eng.alloc(4 * MiB)
+    assert finished(eng.read(f, region, [(0, 0, 4096)], traffic_class="control")) == dpmove.RequestState.DONE
+    time.sleep(0.05)
+    before = eng.stats()["ops_submitted"]
+    req = eng.read(f, region, [(8192, 0, 2 * MiB)], traffic_class="kv_load")
+    assert finished(req) == dpmove.RequestState.DONE
+    assert eng.stats()["ops_submitted"] - before == 1
+    np.testing.assert_array_equal(region.numpy()[: 2 * MiB], data[8192 : 8192 + 2 * MiB])
 
 
 def test_rate_limit_caps_a_class_and_counts_throttled_time(make_engine, data_file) -> None:

@@ -93,12 +93,13 @@ void Gate::submit(const std::shared_ptr<Request>& req, int cls, std::shared_ptr<
       for (auto& it : go) {
         inflight_[static_cast<size_t>(cls)] += it.bytes;
         inflight_total_ += it.bytes;
+        if (!top(cls)) inflight_low_ += it.bytes;
         bytes_[static_cast<size_t>(cls)] += it.bytes;
         ++ops_[static_cast<size_t>(cls)];
       }
     } else {
       int64_t now = now_ns();
-      if (top(cls)) last_top_ns_ = now;
+      if (top(cls)) top_seen_ns_.store(now, std::memory_order_relaxed);
       std::vector<uint32_t> ids;
       for (auto& it : items) {
         uint32_t id;
@@ -137,9 +138,7 @@ void Gate::pump_locked(int64_t now, std::vector<Item>* out, std::vector<Item>* d
   Grant g;
   for (;;) {
     if (opts_.inflight_bytes && inflight_total_ >= opts_.inflight_bytes) break;
-    const bool top_active = inflight_total_ > inflight_low_ || opts_.reserve_idle_ns == 0 ||
-                            now - last_top_ns_ < opts_.reserve_idle_ns;
-    int min_level = (top_active && opts_.low_inflight_bytes && inflight_low_ >= opts_.low_inflight_bytes) ? top_level_
+    int min_level = (top_active(now) && opts_.low_inflight_bytes && inflight_low_ >= opts_.low_inflight_bytes) ? top_level_
                                                                                                          : INT_MIN;
     if (!arb_->dequeue(now, &g, min_level)) break;
     Item it = std::move(slab_[g.op]);
@@ -156,6 +155,7 @@ void Gate::pump_locked(int64_t now, std::vector<Item>* out, std::vector<Item>* d
     inflight_[c] += it.bytes;
     inflight_total_ += it.bytes;
     if (opts_.classes[c].level != top_level_) inflight_low_ += it.bytes;
+    sync_top_locked();
     bytes_[c] += it.bytes;
     ++ops_[c];
     out->push_back(std::move(it));
@@ -186,7 +186,8 @@ void Gate::release(int cls, uint64_t bytes) noexcept {
   inflight_[c] -= b;
   inflight_total_ -= std::min(b, inflight_total_);
   if (opts_.classes[c].level != top_level_) inflight_low_ -= std::min(b, inflight_low_);
-  else if (arb_) last_top_ns_ = now_ns();
+  else top_seen_ns_.store(now_ns(), std::memory_order_relaxed);
+  sync_top_locked();
   if (arb_ && arb_->queued() && !pump_) {
     pump_ = true;
     cv_.notify_one();

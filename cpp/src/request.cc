@@ -137,6 +137,11 @@ void Request::qos_attach(std::shared_ptr<qos::Gate> gate, int cls, int64_t max_o
   max_op_bytes_ = max_op_bytes > 0 ? max_op_bytes : INT64_MAX;
 }
 
+int64_t Request::max_op_bytes() const noexcept {
+  if (max_op_bytes_ == INT64_MAX || gate_->top_active(now_ns())) return max_op_bytes_;
+  return INT64_MAX;
+}
+
 void Request::qos_ended(size_t i) noexcept {
   if (qos_flags_[i].fetch_or(2, std::memory_order_acq_rel) & 1)
     gate_->release(qos_cls_, static_cast<uint64_t>(entries_[i].length));

@@ -26,6 +26,8 @@
 // Sinks are never called under the gate's lock.
 #pragma once
 
+#include <atomic>
+#include <climits>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
@@ -55,9 +57,10 @@ struct GateOptions {
   // the path (work-conserving); the first top-level op to come back closes it again.
   // 0: the low window always holds.
   int64_t reserve_idle_ns = 100'000'000;
-  // Largest single kernel operation of a below-top class (storage: an entry is read or written
-  // in pieces of at most this many bytes, one after another, so the device never holds more
-  // than this of one low-priority entry ahead of a latency-critical one). 0: no limit.
+  // Largest single kernel operation of a below-top class while the top level is active
+  // (storage: an entry is read or written in pieces of at most this many bytes, one after
+  // another, so the device never holds more than this of one low-priority entry ahead of a
+  // latency-critical one). 0: no limit.
   uint64_t low_chunk_bytes = 0;
 };
 
@@ -93,6 +96,13 @@ class Gate : public std::enable_shared_from_this<Gate> {
   bool top(int cls) const { return opts_.classes.at(static_cast<size_t>(cls)).level == top_level_; }
   // Kernel-operation size cap for entries of this class (INT64_MAX: none).
   int64_t max_op_bytes(int cls) const;
+  // Whether the top level is active now (something of it in flight, or seen within
+  // reserve_idle_ns): the low window and low_chunk apply only then. Lock-free; a backend asks
+  // it before each piece of a chunked entry, so KV alone is read in whole entries.
+  bool top_active(int64_t now) const noexcept {
+    return opts_.reserve_idle_ns == 0 || top_inflight_.load(std::memory_order_relaxed) > 0 ||
+           now - top_seen_ns_.load(std::memory_order_relaxed) < opts_.reserve_idle_ns;
+  }
 
   // Queues `req` (class `cls`, entries all pending) and dispatches what may go now. whole:
   // the request is one operation (network writes: one END/ACK per request); otherwise runs of
@@ -144,7 +154,13 @@ class Gate : public std::enable_shared_from_this<Gate> {
   std::vector<uint32_t> free_;
   std::vector<uint64_t> inflight_, queued_bytes_, bytes_, ops_;
   uint64_t inflight_total_ = 0, inflight_low_ = 0;
-  int64_t last_top_ns_ = INT64_MIN / 2;  // last submit or entry end of a top-level class
+  // Written under mu_, read without it (top_active): bytes of top-level classes in flight,
+  // and the last submit or entry end of a top-level class.
+  std::atomic<uint64_t> top_inflight_{0};
+  std::atomic<int64_t> top_seen_ns_{INT64_MIN / 2};
+  void sync_top_locked() noexcept {
+    top_inflight_.store(inflight_total_ - inflight_low_, std::memory_order_relaxed);
+  }
   bool pump_ = false, stop_ = false, closed_ = false;
   using DL = std::pair<int64_t, std::weak_ptr<Request>>;
   struct DLCmp {

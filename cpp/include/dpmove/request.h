@@ -127,8 +127,9 @@ class Request {
   // dispatched reports its end (finish or sweep) to gate.release exactly once.
   void qos_attach(std::shared_ptr<qos::Gate> gate, int cls, int64_t max_op_bytes);
   int qos_class() const noexcept { return qos_cls_; }
-  // Largest single kernel operation for this request's entries (backends split longer ones).
-  int64_t max_op_bytes() const noexcept { return max_op_bytes_; }
+  // Largest single kernel operation for this request's next piece (backends split longer
+  // entries): its class's low_chunk while the gate's top level is active, else no limit.
+  int64_t max_op_bytes() const noexcept;
   // The gate marks [begin, end) dispatched; returns the bytes of those entries that had
   // already ended (swept while queued), which the gate must not count as in flight.
   uint64_t qos_dispatched(size_t begin, size_t end) noexcept;
