@@ -182,17 +182,13 @@ py::dict gate_stats(const qos::Gate& g) {
   py::dict out;
   for (size_t c = 0; c < g.num_classes(); ++c) {
     qos::GateClassStats s = g.stats(static_cast<int>(c));
-    py::dict d;
+    // The arbiter's counters, with bytes / ops as dispatched (counted with QoS off too).
+    py::dict d = qos_stats_dict(s.arb);
+    d["queued_ops"] = d.attr("pop")("queued");
     d["bytes"] = s.bytes;
     d["ops"] = s.ops;
-    d["queued_ops"] = s.arb.queued;
     d["queued_bytes"] = s.queued_bytes;
     d["inflight_bytes"] = s.inflight_bytes;
-    d["wait_p50_ns"] = s.arb.wait_p50_ns;
-    d["wait_p99_ns"] = s.arb.wait_p99_ns;
-    d["wait_max_ns"] = s.arb.wait_max_ns;
-    d["throttled_ns"] = s.arb.throttled_ns;
-    d["starvation_grants"] = s.arb.starvation_grants;
     out[py::str(g.options().classes[c].name)] = d;
   }
   return out;

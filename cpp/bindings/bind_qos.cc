@@ -21,6 +21,19 @@ qos::ClassConfig qos_class_from(const py::handle& d) {
   return c;
 }
 
+py::dict qos_stats_dict(const qos::ClassStats& s) {
+  py::dict d;
+  d["bytes"] = s.bytes;
+  d["ops"] = s.ops;
+  d["queued"] = s.queued;
+  d["starvation_grants"] = s.starvation_grants;
+  d["throttled_ns"] = s.throttled_ns;
+  d["wait_p50_ns"] = s.wait_p50_ns;
+  d["wait_p99_ns"] = s.wait_p99_ns;
+  d["wait_max_ns"] = s.wait_max_ns;
+  return d;
+}
+
 namespace {
 // Finishes every entry it is handed at once: what is left to time is the gate and the
 // request's QoS accounting.
@@ -55,19 +68,7 @@ current time in ns, so a test replays exact arrival sequences. Built by dpmove.q
       }, py::arg("now_ns"), "(class, op, bytes, waited_ns) of the next operation, or None when none is eligible")
       .def("next_eligible", &qos::Arbiter::next_eligible, py::arg("now_ns"),
            "earliest time a rate-limited class with work becomes eligible (2**63-1: none waits for tokens)")
-      .def("stats", [](const qos::Arbiter& a, int c) {
-        qos::ClassStats s = a.stats(c);
-        py::dict d;
-        d["bytes"] = s.bytes;
-        d["ops"] = s.ops;
-        d["queued"] = s.queued;
-        d["starvation_grants"] = s.starvation_grants;
-        d["throttled_ns"] = s.throttled_ns;
-        d["wait_p50_ns"] = s.wait_p50_ns;
-        d["wait_p99_ns"] = s.wait_p99_ns;
-        d["wait_max_ns"] = s.wait_max_ns;
-        return d;
-      }, py::arg("cls"));
+      .def("stats", [](const qos::Arbiter& a, int c) { return qos_stats_dict(a.stats(c)); }, py::arg("cls"));
 
   // Cost of one enqueue + dequeue with `nclasses` busy classes, in ns per operation, measured
   // in C++ (no Python in the loop).

@@ -28,6 +28,9 @@ void bind_verbs(py::module_& m);  // DPMOVE_HAVE_VERBS builds only: private test
 namespace dpmove {
 // One traffic class from the dict dpmove.qos.QosConfig builds (bind_qos.cc).
 qos::ClassConfig qos_class_from(const py::handle& d);
+// An arbiter's per-class counters as a dict: bytes, ops, queued, starvation_grants,
+// throttled_ns, wait_p50_ns, wait_p99_ns, wait_max_ns (bind_qos.cc).
+py::dict qos_stats_dict(const qos::ClassStats& s);
 
 // Seconds (None or float, inf allowed) -> nanoseconds; None -> `none_ns`. ValueError on < 0 or NaN.
 inline int64_t seconds_to_ns(const py::object& s, int64_t none_ns, const char* what) {

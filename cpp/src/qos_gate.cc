@@ -65,7 +65,8 @@ void Gate::submit(const std::shared_ptr<Request>& req, int cls, std::shared_ptr<
     it.begin = static_cast<uint32_t>(b);
     size_t e = b;
     uint64_t bytes = 0;
-    while (e < n && (whole || e == b || (bytes < opts_.quantum_bytes && e - b < kMaxRunEntries)))
+    // QoS off dispatches everything at once: one run, as dispatch_all would merge it anyway.
+    while (e < n && (whole || !arb_ || e == b || (bytes < opts_.quantum_bytes && e - b < kMaxRunEntries)))
       bytes += static_cast<uint64_t>(req->entry(e++).length);
     it.end = static_cast<uint32_t>(e);
     it.bytes = bytes;
@@ -100,7 +101,7 @@ void Gate::submit(const std::shared_ptr<Request>& req, int cls, std::shared_ptr<
     } else {
       int64_t now = now_ns();
       if (top(cls)) top_seen_ns_.store(now, std::memory_order_relaxed);
-      std::vector<uint32_t> ids;
+      const size_t nruns = items.size();
       for (auto& it : items) {
         uint32_t id;
         if (!free_.empty()) {
@@ -113,16 +114,17 @@ void Gate::submit(const std::shared_ptr<Request>& req, int cls, std::shared_ptr<
         queued_bytes_[static_cast<size_t>(cls)] += it.bytes;
         arb_->enqueue(cls, id, it.bytes, now);
         slab_[id] = std::move(it);
-        ids.push_back(id);
       }
       pump_locked(now, &go, &drop);
       // What stays queued waits for tokens or a window: the gate's thread must (re)compute
       // when to look again.
       if (arb_->queued()) cv_.notify_one();
-      // Only a request that still waits here needs the gate to apply its deadline.
-      if (req->deadline_ns() != INT64_MAX &&
-          std::any_of(ids.begin(), ids.end(), [&](uint32_t id) { return slab_[id].req == req; }))
-        deadlines_.push({req->deadline_ns(), req});
+      // Only a request that still waits here needs the gate to apply its deadline: some of
+      // its runs neither went out nor were dropped.
+      auto mine = [&](const std::vector<Item>& v) {
+        return static_cast<size_t>(std::count_if(v.begin(), v.end(), [&](const Item& x) { return x.req == req; }));
+      };
+      if (req->deadline_ns() != INT64_MAX && mine(go) + mine(drop) < nruns) deadlines_.push({req->deadline_ns(), req});
     }
   }
   if (refused) {
