@@ -13,57 +13,61 @@ namespace dpmove {
 
 namespace {
 
-// Views whose release waits for the GIL (see buffer_releaser).
+// Work that needs the GIL, queued by threads that must not wait for it (see gil_releaser).
 std::mutex g_release_mu;
-std::vector<Py_buffer*> g_release_queue;
+std::vector<std::function<void()>> g_release_queue;
 bool g_release_scheduled = false;
 
 // Runs in the main thread with the GIL (a pending call), or wherever the GIL is already held.
 int drain_releases(void*) {
-  std::vector<Py_buffer*> views;
+  std::vector<std::function<void()>> work;
   {
     std::lock_guard<std::mutex> lk(g_release_mu);
-    views.swap(g_release_queue);
+    work.swap(g_release_queue);
     g_release_scheduled = false;
   }
-  for (Py_buffer* v : views) {
-    PyBuffer_Release(v);
-    delete v;
-  }
+  for (auto& w : work) w();
   return 0;
 }
 
-// Release callback for memory exported by a Python object. Runs on whatever thread drops the
-// last reference. With the GIL held it releases at once. Elsewhere (a worker, a transport
-// thread) it must not wait for the GIL: the thread holding it may be waiting for this one
-// (joining it, or for a lock it holds), so the view is queued and released by a pending call
-// in the main thread. During interpreter shutdown the view is leaked instead of touching a
-// dying interpreter.
-std::function<void()> buffer_releaser(Py_buffer* view) {
-  return [view] {
+}  // namespace
+
+std::function<void()> gil_releaser(std::function<void()> fn) {
+  return [fn = std::move(fn)]() mutable {
 #if PY_VERSION_HEX >= 0x030D0000
     if (!Py_IsInitialized() || Py_IsFinalizing()) return;
 #else
     if (!Py_IsInitialized() || _Py_IsFinalizing()) return;
 #endif
     if (PyGILState_Check()) {
-      PyBuffer_Release(view);
-      delete view;
+      fn();
       return;
     }
     bool schedule;
     {
       std::lock_guard<std::mutex> lk(g_release_mu);
-      g_release_queue.push_back(view);
+      g_release_queue.push_back(std::move(fn));
       schedule = !g_release_scheduled;
       g_release_scheduled = true;
     }
-    // A full pending-call queue leaves the view queued; the next release schedules again.
+    // A full pending-call queue leaves the work queued; the next release schedules again.
     if (schedule && Py_AddPendingCall(drain_releases, nullptr) != 0) {
       std::lock_guard<std::mutex> lk(g_release_mu);
       g_release_scheduled = false;
     }
   };
+}
+
+void drain_gil_releases() { drain_releases(nullptr); }
+
+namespace {
+
+// Release callback for memory exported by a Python object (see gil_releaser).
+std::function<void()> buffer_releaser(Py_buffer* view) {
+  return gil_releaser([view] {
+    PyBuffer_Release(view);
+    delete view;
+  });
 }
 
 std::shared_ptr<Region> register_object(Engine& e, py::handle obj, bool do_register) {
@@ -176,6 +180,7 @@ void apply_qos(EngineOptions& o, const py::dict& q) {
   };
   o.storage_qos = path("storage");
   o.net_qos = path("net");
+  o.copy_qos = path("copy");
 }
 
 py::dict gate_stats(const qos::Gate& g) {
@@ -200,7 +205,8 @@ void bind_engine(py::module_& m) {
   py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
       .def(py::init([](const std::string& backend, int num_workers, unsigned queue_depth, bool register_buffers,
                        bool register_files, py::object default_timeout_s, const std::string& listen_host, int listen_port,
-                       bool listen_unix, const std::string& name, py::object qos) {
+                       bool listen_unix, const std::string& name, py::object qos, const std::string& gpu,
+                       bool pin_host) {
              if (listen_port < 0 || listen_port > 65535)
                throw py::value_error("listen_port must be in [0, 65535], got " + std::to_string(listen_port));
              EngineOptions o;
@@ -215,12 +221,14 @@ void bind_engine(py::module_& m) {
              o.net.listen_unix = listen_unix;
              o.net.name = name;
              if (!qos.is_none()) apply_qos(o, qos.cast<py::dict>());
+             o.gpu = gpu;
+             o.pin_host = pin_host;
              return release_gil_on_drop(Engine::create(o));
            }),
            py::arg("backend") = "auto", py::arg("num_workers") = 2, py::arg("queue_depth") = 64,
            py::arg("register_buffers") = true, py::arg("register_files") = true, py::arg("default_timeout_s") = 60.0,
            py::arg("listen_host") = "127.0.0.1", py::arg("listen_port") = 0, py::arg("listen_unix") = true, py::arg("name") = "",
-           py::arg("qos") = py::none())
+           py::arg("qos") = py::none(), py::arg("gpu") = "auto", py::arg("pin_host") = true)
       .def_property_readonly("default_timeout_ns", [](const Engine& e) { return e.options().default_timeout_ns; })
       .def_property_readonly("backend", &Engine::backend_name)
       .def_property_readonly("backend_reason", &Engine::backend_reason)
@@ -249,6 +257,7 @@ void bind_engine(py::module_& m) {
         py::dict d;
         d["storage"] = gate_stats(*e.storage_gate());
         d["net"] = gate_stats(*e.net_gate());
+        d["copy"] = gate_stats(*e.copy_gate());
         return d;
       }, "per path, per traffic class: bytes, ops, queued_ops/bytes, inflight_bytes, wait p50/p99/max (ns), throttled_ns")
       .def_property_readonly("qos_enabled", [](const Engine& e) { return e.storage_gate()->options().enabled; })

@@ -1,8 +1,19 @@
 #include "common.h"
 #include "dpmove/region.h"
+#include "dpmove/gpu.h"
 #include "dpmove/status.h"
 
 namespace dpmove {
+
+namespace {
+void refuse_device(const Region& r) {
+  if (r.memory()->is_device())
+    throw py::type_error(std::string("the region is device memory (") +
+                         (r.memory()->gpu_api()->emulated() ? "emulated" : "cuda") + ":" +
+                         std::to_string(r.memory()->device()) +
+                         "); the host cannot address it: copy it to a host region with Engine.copy");
+}
+}  // namespace
 
 void bind_region(py::module_& m) {
   py::class_<Region, std::shared_ptr<Region>>(m, "Region", py::buffer_protocol(), R"doc(
@@ -15,6 +26,7 @@ Supports the buffer protocol (``np.asarray(region)``, ``memoryview(region)``) an
 )doc")
       .def_buffer([](Region& r) -> py::buffer_info {
         r.check_open();
+        refuse_device(r);
         return py::buffer_info(r.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
                                {static_cast<py::ssize_t>(r.size())}, {1}, !r.writable());
       })
@@ -29,6 +41,17 @@ Supports the buffer protocol (``np.asarray(region)``, ``memoryview(region)``) an
                              "True when registered with the rings as fixed buffers")
       .def_property_readonly("registration_error", [](const Region& r) { return r.memory()->registration_error(); },
                              "why registration failed ('' when registered or not attempted)")
+      .def_property_readonly("location", [](const Region& r) {
+        return r.memory()->is_device() ? r.memory()->kind() == "emulated" || r.memory()->gpu_api()->emulated()
+                                             ? "emulated" : "cuda"
+                                       : "host";
+      }, "'host', 'cuda' (device memory) or 'emulated' (device memory standing in host memory, no GPU here)")
+      .def_property_readonly("device", [](const Region& r) { return r.memory()->device(); },
+                             "device ordinal of device memory; -1 for host memory")
+      .def_property_readonly("pinned", [](const Region& r) { return r.memory()->pinned(); },
+                             "host memory page-locked and mapped for GPU copies")
+      .def_property_readonly("pin_error", [](const Region& r) { return r.memory()->pin_error(); },
+                             "why pinning failed ('' when pinned or not attempted)")
       .def_property_readonly("closed", &Region::closed)
       .def("slice", &Region::slice, py::arg("offset"), py::arg("length"),
            "A view of [offset, offset + length) sharing this region's memory")
@@ -41,6 +64,7 @@ Supports the buffer protocol (``np.asarray(region)``, ``memoryview(region)``) an
       .def("numpy", [](py::object self, py::object dtype) {
         auto& r = self.cast<Region&>();
         r.check_open();
+        refuse_device(r);
         py::dtype dt = py::dtype::from_args(dtype);
         if (r.size() % dt.itemsize())
           throw py::value_error("region of " + std::to_string(r.size()) + " bytes is not a whole number of " +
@@ -54,6 +78,8 @@ Supports the buffer protocol (``np.asarray(region)``, ``memoryview(region)``) an
       .def("__exit__", [](Region& r, py::args) { r.close(); })
       .def("__repr__", [](const Region& r) {
         return "<dpmove.Region " + std::to_string(r.size()) + " bytes " + r.memory()->kind() +
+               (r.memory()->is_device() ? " device " + std::to_string(r.memory()->device()) : "") +
+               (r.memory()->pinned() ? " pinned" : "") +
                (r.memory()->registered() ? " registered" : "") + (r.writable() ? "" : " read-only") +
                (r.closed() ? " closed" : "") + ">";
       });

@@ -17,8 +17,8 @@ std::string describe_req(const Request& r) {
 
 std::string entry_failure(const Request& r, int64_t i, int32_t st, int* code) {
   const IoEntry& e = r.entry(static_cast<size_t>(i));
-  std::string where = "entry " + std::to_string(i) + (r.op() == OpKind::kPut ? " (remote_offset=" : " (file_offset=") + std::to_string(e.file_offset) +
-                      ", region_offset=" + std::to_string(e.region_offset) + ", length=" + std::to_string(e.length) + ")";
+  std::string where = "entry " + std::to_string(i) + (r.op() == OpKind::kPut ? " (remote_offset=" : r.device() ? " (device_offset=" : " (file_offset=") + std::to_string(e.file_offset) +
+                      (r.device() ? ", host_offset=" : ", region_offset=") + std::to_string(e.region_offset) + ", length=" + std::to_string(e.length) + ")";
   std::vector<int64_t> bytes(r.size());
   r.copy_bytes(bytes.data());
   if (st == kEntryShort) {

@@ -8,6 +8,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <string>
 
 namespace py = pybind11;
@@ -22,6 +23,16 @@ void bind_engine(py::module_& m);
 void bind_net(py::module_& m);
 void bind_qos(py::module_& m);  // after bind_engine: adds Engine methods
 void bind_verbs(py::module_& m);  // DPMOVE_HAVE_VERBS builds only: private test hooks
+void bind_gpu(py::module_& m);    // after bind_engine: device regions, copies
+void bind_gpu_kernel(py::module_& m);
+
+// Wraps `fn` (work that needs the GIL: releasing a Python buffer, a DLPack deleter) so that it
+// can run from any thread: at once where the GIL is held, else queued for the main thread
+// (a pending call), since the calling thread must not wait for the GIL. Skipped during
+// interpreter shutdown (the object is leaked rather than touch a dying interpreter).
+std::function<void()> gil_releaser(std::function<void()> fn);
+// Runs what gil_releaser queued; call with the GIL held.
+void drain_gil_releases();
 
 }  // namespace dpmove
 #include "dpmove/qos.h"

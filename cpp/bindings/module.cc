@@ -10,6 +10,8 @@ PYBIND11_MODULE(_core, m) {
   dpmove::bind_engine(m);
   dpmove::bind_net(m);
   dpmove::bind_qos(m);
+  dpmove::bind_gpu(m);
+  dpmove::bind_gpu_kernel(m);
 #if DPMOVE_HAVE_VERBS
   dpmove::bind_verbs(m);
 #endif

@@ -4,6 +4,8 @@
 #include <climits>
 #include <cstring>
 
+#include "dpmove/gpu.h"
+#include "dpmove/gpu_emulated.h"
 #include "dpmove/status.h"
 #include "dpmove/threadpool.h"
 #if DPMOVE_HAVE_URING
@@ -105,6 +107,28 @@ class StorageSink final : public qos::Sink {
   Backend* backend_;
 };
 
+// The copy gate's sink: the Copier named by the payload, until the engine closes.
+class CopySink final : public qos::Sink {
+ public:
+  void dispatch(const std::shared_ptr<Request>& req, size_t begin, size_t end, const std::shared_ptr<void>& payload) override {
+    std::shared_lock<std::shared_mutex> lk(mu_);
+    if (!detached_) {
+      static_cast<copy::Copier*>(payload.get())->submit(req, begin, end);
+      return;
+    }
+    lk.unlock();
+    req->cancel();
+  }
+  void detach() {
+    std::unique_lock<std::shared_mutex> lk(mu_);
+    detached_ = true;
+  }
+
+ private:
+  std::shared_mutex mu_;
+  bool detached_ = false;
+};
+
 namespace {
 // Derives the verbs lanes (distinct ib_sl / roce_tclass pairs, in class order) and checks the
 // two paths declare the same classes.
@@ -121,6 +145,15 @@ void setup_qos(EngineOptions& o) {
   for (size_t i = 0; i < o.storage_qos.classes.size(); ++i)
     if (o.storage_qos.classes[i].name != o.net_qos.classes[i].name)
       throw UsageError("Engine: the storage and net QoS paths must declare the same classes in the same order");
+  if (o.copy_qos.classes.empty()) {
+    o.copy_qos.classes = o.storage_qos.classes;
+    o.copy_qos.enabled = o.storage_qos.enabled;
+  }
+  if (o.copy_qos.classes.size() != o.storage_qos.classes.size())
+    throw UsageError("Engine: the copy and storage QoS paths must declare the same classes");
+  for (size_t i = 0; i < o.copy_qos.classes.size(); ++i)
+    if (o.copy_qos.classes[i].name != o.storage_qos.classes[i].name)
+      throw UsageError("Engine: the copy and storage QoS paths must declare the same classes in the same order");
   if (o.default_class < 0 || static_cast<size_t>(o.default_class) >= o.storage_qos.classes.size())
     throw UsageError("Engine: default_class " + std::to_string(o.default_class) + " is not a class index");
   o.net.lanes.clear();
@@ -180,6 +213,27 @@ std::shared_ptr<Engine> Engine::create(const EngineOptions& opts_in) {
   e->storage_gate_ = std::make_shared<qos::Gate>("storage", opts.storage_qos);
   e->net_gate_ = std::make_shared<qos::Gate>("net", opts.net_qos);
   e->storage_sink_ = std::make_shared<StorageSink>(e->backend_.get());
+  std::string cuda_why;
+  if (opts.gpu == "cuda" || opts.gpu == "auto") {
+    if (gpu::cuda_usable(&cuda_why)) {
+      e->gpu_ = &gpu::cuda_gpu();
+      e->gpu_reason_ = opts.gpu == "cuda" ? "CUDA requested" : "CUDA driver sees a device (auto)";
+    } else if (opts.gpu == "cuda") {
+      throw UnsupportedError(ENODEV, "Engine(gpu='cuda'): " + cuda_why);
+    }
+  }
+  if (!e->gpu_ && (opts.gpu == "auto" || opts.gpu == "emulated")) {
+    e->gpu_ = &gpu::emulated_gpu();
+    e->gpu_reason_ = opts.gpu == "emulated" ? "emulated GPU requested" : "emulated GPU (auto): " + cuda_why;
+  }
+  if (opts.gpu == "off") e->gpu_reason_ = "GPU off (gpu='off')";
+  else if (!e->gpu_) throw UsageError("Engine: gpu must be 'auto', 'cuda', 'emulated' or 'off', got '" + opts.gpu + "'");
+  if (e->gpu_) {
+    e->cuda_copier_ = std::make_shared<copy::Copier>(*e->gpu_, copy::Kind::kCuda);
+    e->batched_copier_ = std::make_shared<copy::Copier>(*e->gpu_, copy::Kind::kBatched);
+  }
+  e->copy_gate_ = std::make_shared<qos::Gate>("copy", opts.copy_qos);
+  e->copy_sink_ = std::make_shared<CopySink>();
   return e;
 }
 
@@ -193,6 +247,7 @@ std::shared_ptr<Region> Engine::allocate(size_t size, bool hugepages, bool regis
   check_open();
   auto mem = Memory::allocate(size, hugepages);
   if (register_memory && opts_.register_buffers) mem->register_with(registry_);
+  if (gpu_ && opts_.pin_host) pin(*mem);
   auto r = std::make_shared<Region>(std::move(mem), 0, size);
   r->set_root(true);
   return r;
@@ -204,9 +259,183 @@ std::shared_ptr<Region> Engine::wrap(uint8_t* base, size_t size, bool writable, 
   check_open();  // after taking ownership, so `release` runs even when this throws
   if (size == 0) throw UsageError("register: buffer is empty (0 bytes)");
   if (register_memory && opts_.register_buffers) mem->register_with(registry_);
+  if (gpu_ && opts_.pin_host) pin(*mem);
   auto r = std::make_shared<Region>(std::move(mem), 0, size);
   r->set_root(true);
   return r;
+}
+
+void Engine::pin(Memory& m) {
+  constexpr int kAlreadyRegistered = 712;  // CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED
+  gpu::DevPtr alias = 0;
+  int rc = gpu_->host_register(m.base(), m.size(), &alias);
+  if (rc == kAlreadyRegistered) {
+    // Pinned by someone else (another engine, the application): usable for copies, not ours
+    // to unpin. With unified addressing (every 64-bit CUDA platform) the device alias of
+    // registered host memory is its host address.
+    m.set_pinned(reinterpret_cast<uint64_t>(m.base()), nullptr);
+    return;
+  }
+  if (rc) {
+    m.set_pin_error("cuMemHostRegister(" + std::to_string(m.size()) + " bytes): " + gpu_->error_string(rc));
+    return;
+  }
+  gpu::GpuApi* api = gpu_;
+  void* p = m.base();
+  m.set_pinned(alias, [api, p] { api->host_unregister(p); });
+}
+
+namespace {
+std::string mem_kind(gpu::GpuApi& g) { return g.emulated() ? "emulated" : "cuda"; }
+
+void check_device(gpu::GpuApi* g, int device) {
+  if (!g) throw UnsupportedError(ENODEV, "this Engine has no GPU (gpu='off')");
+  if (device < 0 || device >= g->device_count())
+    throw UsageError("device " + std::to_string(device) + " does not exist: " + std::to_string(g->device_count()) + " " +
+                     (g->emulated() ? "emulated " : "CUDA ") + "device(s) here");
+}
+}  // namespace
+
+std::shared_ptr<Region> Engine::device_alloc(size_t size, int device) {
+  check_open();
+  check_device(gpu_, device);
+  if (size == 0) throw UsageError("device_alloc: size must be > 0 bytes");
+  gpu::DevPtr p = 0;
+  if (int rc = gpu_->mem_alloc(device, size, &p))
+    throw SysError(ENOMEM, "device_alloc(" + std::to_string(size) + " bytes on device " + std::to_string(device) +
+                               "): " + gpu_->error_string(rc));
+  gpu::GpuApi* g = gpu_;
+  auto mem = std::make_shared<Memory>(reinterpret_cast<uint8_t*>(p), size, true, [g, p] { g->mem_free(p); }, mem_kind(*g));
+  mem->set_device(g, device);
+  auto r = std::make_shared<Region>(std::move(mem), 0, size);
+  r->set_root(true);
+  return r;
+}
+
+std::shared_ptr<Region> Engine::wrap_device(uint64_t addr, size_t size, int device, bool writable,
+                                            std::function<void()> release, const std::string& kind) {
+  auto mem = std::make_shared<Memory>(reinterpret_cast<uint8_t*>(addr), size, writable, std::move(release), kind);
+  check_open();  // after taking ownership, so `release` runs even when this throws
+  if (!gpu_) throw UnsupportedError(ENODEV, "register_device: this Engine has no GPU (gpu='off')");
+  if (device != -1) check_device(gpu_, device);
+  if (size == 0) throw UsageError("register_device: the array is empty (0 bytes)");
+  if (addr == 0) throw UsageError("register_device: the array's data pointer is NULL");
+  gpu::PointerInfo info = gpu_->pointer_info(addr);
+  const std::string where = "register_device: address 0x" + [&] {
+    char b[32];
+    snprintf(b, sizeof b, "%llx", static_cast<unsigned long long>(addr));
+    return std::string(b);
+  }();
+  if (info.type == gpu::MemType::kHost)
+    throw UsageError(where + " is host memory, not device memory; register host memory with Engine.register");
+  if (info.type == gpu::MemType::kUnknown && !(gpu_->emulated() && info.error == gpu::kForeign))
+    throw UsageError(where + " is not memory the CUDA driver knows (" + gpu_->error_string(info.error) +
+                     "); was the array freed?");
+  if (info.type == gpu::MemType::kManaged || info.type == gpu::MemType::kArray)
+    throw UsageError(where + " is " + (info.type == gpu::MemType::kManaged ? "managed (unified)" : "CUDA array") +
+                     " memory; only plain device memory (cuMemAlloc, CuPy, torch) can be registered");
+  if (device == -1) device = info.type == gpu::MemType::kDevice ? info.device : 0;
+  if (info.type == gpu::MemType::kDevice) {
+    if (info.device != device)
+      throw UsageError(where + " is on device " + std::to_string(info.device) + ", not device " + std::to_string(device));
+    if (info.size && (addr < info.base || addr + size > info.base + info.size))
+      throw UsageError(where + " + " + std::to_string(size) + " bytes runs past the end of its allocation (" +
+                       std::to_string(info.base + info.size - addr) + " bytes left)");
+  }
+  mem->set_device(gpu_, device);
+  auto r = std::make_shared<Region>(std::move(mem), 0, size);
+  r->set_root(true);
+  return r;
+}
+
+std::string Engine::copy_backend_status(const std::string& backend, int device) {
+  if (!gpu_) return "this Engine has no GPU (gpu='off')";
+  if (device < 0 || device >= gpu_->device_count()) return "no device " + std::to_string(device);
+  if (backend == "cuda") return "";
+  if (backend == "batched") return gpu_->kernel_status(device);
+  if (backend == "cnic") return "cnic copies are not built into this engine";
+  return "unknown copy backend '" + backend + "' (expected 'auto', 'cuda', 'batched' or 'cnic')";
+}
+
+std::string Engine::auto_copy_backend(const Region& host, int device, size_t n, int64_t mean_len) {
+  // One launch wins over n copy-engine submissions once per-copy submission cost dominates:
+  // several blocks, each small enough that the copy engine's per-copy cost matters.
+  constexpr size_t kMinBatch = 4;
+  constexpr int64_t kMaxMeanLen = 4 << 20;
+  if (n >= kMinBatch && mean_len <= kMaxMeanLen && host.memory()->pinned() && gpu_->kernel_status(device).empty())
+    return "batched";
+  return "cuda";
+}
+
+std::shared_ptr<Request> Engine::copy(OpKind op, const std::shared_ptr<Region>& device,
+                                      const std::shared_ptr<Region>& host, const IoEntry* entries, size_t n,
+                                      int64_t timeout_ns, bool timing, int qos_class, const std::string& backend) {
+  std::shared_lock<std::shared_mutex> life(life_mu_, std::try_to_lock);
+  if (!life.owns_lock() || closed()) throw ClosedError("Engine is closed");
+  const char* what = op == OpKind::kH2D ? "copy (host to device)" : "copy (device to host)";
+  if (op != OpKind::kH2D && op != OpKind::kD2H) throw UsageError("copy: op must be h2d or d2h");
+  if (!device || !host) throw UsageError(std::string(what) + ": expected a device Region and a host Region, got None");
+  device->check_open();
+  host->check_open();
+  if (!gpu_) throw UnsupportedError(ENODEV, std::string(what) + ": this Engine has no GPU (gpu='off')");
+  if (!device->memory()->is_device())
+    throw UsageError(std::string(what) + ": the device side is host memory; pass a region from Engine.device_alloc "
+                     "or Engine.register_device");
+  if (host->memory()->is_device())
+    throw UsageError(std::string(what) + ": the host side is device memory; device-to-device copies are not supported");
+  if (device->memory()->gpu_api() != gpu_)
+    throw UsageError(std::string(what) + ": the device region belongs to another GPU provider (" +
+                     device->memory()->gpu_api()->provider() + "; this engine uses " + gpu_->provider() + ")");
+  if (op == OpKind::kH2D && !device->writable())
+    throw UsageError(std::string(what) + ": the device region is read-only");
+  if (op == OpKind::kD2H && !host->writable())
+    throw UsageError(std::string(what) + ": the host region is read-only and cannot be the target of a copy");
+  const int cls = resolve_class(qos_class);
+  const int dev = device->memory()->device();
+  const uint64_t dsize = device->size(), hsize = host->size();
+  std::vector<IoEntry> v(entries, entries + n);
+  int64_t total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const IoEntry& e = v[i];
+    auto where = [&] {
+      return "entry " + std::to_string(i) + " (device_offset=" + std::to_string(e.file_offset) +
+             ", host_offset=" + std::to_string(e.region_offset) + ", length=" + std::to_string(e.length) + ")";
+    };
+    if (e.file_offset < 0 || e.region_offset < 0) throw UsageError(where() + ": offsets must be >= 0");
+    if (e.length <= 0) throw UsageError(where() + ": length must be > 0 bytes");
+    if (static_cast<uint64_t>(e.file_offset) > dsize || static_cast<uint64_t>(e.length) > dsize - e.file_offset)
+      throw UsageError(where() + ": does not fit in the device region of " + std::to_string(dsize) + " bytes");
+    if (static_cast<uint64_t>(e.region_offset) > hsize || static_cast<uint64_t>(e.length) > hsize - e.region_offset)
+      throw UsageError(where() + ": does not fit in the host region of " + std::to_string(hsize) + " bytes");
+    total += e.length;
+  }
+  std::string chosen = backend;
+  if (backend == "auto") chosen = auto_copy_backend(*host, dev, n, n ? total / static_cast<int64_t>(n) : 0);
+  std::string why = copy_backend_status(chosen, dev);
+  if (!why.empty()) throw UnsupportedError(ENOTSUP, std::string(what) + " with backend '" + chosen + "': " + why);
+  std::shared_ptr<copy::Copier> copier = chosen == "batched" ? batched_copier_ : cuda_copier_;
+  if (chosen == "batched" && !host->memory()->pinned())
+    throw UsageError(std::string(what) + " with backend 'batched': the host region is not pinned (" +
+                     (host->memory()->pin_error().empty() ? "allocated before pinning, or pin_host=False"
+                                                          : host->memory()->pin_error()) +
+                     "); the kernel reads host memory through its device mapping. Use backend='cuda'");
+  int64_t now = now_ns();
+  if (timeout_ns < 0) timeout_ns = opts_.default_timeout_ns;
+  int64_t deadline = (timeout_ns == INT64_MAX || now > INT64_MAX - timeout_ns) ? INT64_MAX : now + timeout_ns;
+  std::string target = mem_kind(*gpu_) + ":" + std::to_string(dev) + " via " + chosen;
+  std::shared_ptr<Request> req(
+      new Request(next_id_->fetch_add(1), op, nullptr, host, std::move(v), deadline, timing, target, device));
+  copy_gate_->submit(req, cls, copy_sink_, copier, false);
+  return req;
+}
+
+std::map<std::string, copy::Stats> Engine::copy_stats() const {
+  std::shared_lock<std::shared_mutex> lk(life_mu_, std::try_to_lock);
+  if (!lk.owns_lock() || closed()) return final_copy_stats_;
+  std::map<std::string, copy::Stats> m;
+  if (cuda_copier_) m["cuda"] = cuda_copier_->stats();
+  if (batched_copier_) m["batched"] = batched_copier_->stats();
+  return m;
 }
 
 std::shared_ptr<File> Engine::open(const std::string& path, const OpenOptions& o, bool register_file) {
@@ -232,6 +461,9 @@ std::shared_ptr<Request> Engine::submit(OpKind op, const std::shared_ptr<File>& 
   if (!life.owns_lock() || closed()) throw ClosedError("Engine is closed");
   if (!file) throw UsageError("expected a File, got None");
   if (!region) throw UsageError("expected a Region, got None");
+  if (region->memory()->is_device())
+    throw UsageError(std::string(op_name(op)) + ": the region is device memory; file I/O moves host memory "
+                     "(read into a host region, then copy it to the device)");
   file->check_open();
   region->check_open();
   // Registered-file and registered-buffer slot numbers are per engine: another engine's slot
@@ -320,13 +552,22 @@ int64_t Engine::close(int64_t timeout_ns) {
   // backend once the sink is detached.
   if (net_gate_) net_gate_->close();
   if (storage_gate_) storage_gate_->close();
+  if (copy_gate_) copy_gate_->close();
   if (storage_sink_) storage_sink_->detach();
+  if (copy_sink_) copy_sink_->detach();
   std::unique_lock<std::shared_mutex> life(life_mu_);
   // Registrations first: a Region or File dropped on another thread during the shutdown must
   // not reach rings that are going away.
   if (registry_) registry_->detach();
   if (kicker_) kicker_->detach();
   int64_t stuck = backend_ ? backend_->shutdown(timeout_ns) : 0;
+  // Copies cannot be recalled from a stream: wait for them like for the kernel's I/O.
+  for (auto* c : {&cuda_copier_, &batched_copier_})
+    if (*c) {
+      int64_t left = (*c)->shutdown(timeout_ns);
+      final_copy_stats_[copy::kind_name((*c)->kind())] = (*c)->stats();
+      stuck += left;
+    }
   if (backend_) final_stats_ = backend_->stats();
   if (stuck) backend_.release();  // keep what the kernel or a blocked thread may still write into
   backend_.reset();

@@ -1,4 +1,5 @@
 // Sender side: transport choice, validation of put requests, reconnect.
+#include <cstring>
 #include <unistd.h>
 
 #include <cerrno>
@@ -156,6 +157,11 @@ std::shared_ptr<Request> Peer::put(const std::shared_ptr<Region>& src, const Rem
     t = transport_;
   }
   if (!t) throw SysError(ENOTCONN, name() + " is not connected");
+  // shm and tcp read the source with the CPU; only verbs can take device memory (the NIC
+  // reads it through GPUDirect RDMA).
+  if (src->memory()->is_device() && std::strcmp(t->name(), "verbs") != 0)
+    throw UsageError(name() + ": the source region is device memory, which the " + t->name() +
+                     " transport cannot read; use a verbs connection or copy it to host memory first");
   std::string why = t->broken();
   if (!why.empty())
     throw SysError(ENOTCONN, name() + " is disconnected (" + why + "); call reconnect(), or connect() with its new metadata if it restarted");

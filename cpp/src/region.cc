@@ -15,8 +15,29 @@ Memory::Memory(uint8_t* base, size_t size, bool writable, std::function<void()> 
     : base_(base), size_(size), writable_(writable), release_(std::move(release)), kind_(std::move(kind)) {}
 
 Memory::~Memory() {
+  run_close_hooks();
   unregister();
+  if (unpin_) unpin_();
   if (release_) release_();
+}
+
+void Memory::on_close(std::function<void()> hook) {
+  std::unique_lock<std::mutex> lk(mu_);
+  if (!closed()) {
+    close_hooks_.push_back(std::move(hook));
+    return;
+  }
+  lk.unlock();
+  hook();
+}
+
+void Memory::run_close_hooks() {
+  std::vector<std::function<void()>> hooks;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    hooks.swap(close_hooks_);
+  }
+  for (auto& h : hooks) h();
 }
 
 std::shared_ptr<Memory> Memory::allocate(size_t size, bool hugepages) {
@@ -102,7 +123,11 @@ void Memory::unregister() {
 void Memory::close() {
   // Registration stays until ~Memory: a request that holds this memory may have prepared an
   // SQE naming the slot, and clearing (or reusing) the slot under it would fail that I/O.
-  closed_.store(true, std::memory_order_release);
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    closed_.store(true, std::memory_order_release);
+  }
+  run_close_hooks();
 }
 
 int Memory::find_slot(size_t off, size_t len) const noexcept {

@@ -28,6 +28,8 @@ const char* op_name(OpKind op) noexcept {
     case OpKind::kRead: return "read";
     case OpKind::kWrite: return "write";
     case OpKind::kPut: return "put";
+    case OpKind::kH2D: return "h2d";
+    case OpKind::kD2H: return "d2h";
   }
   return "?";
 }
@@ -39,8 +41,10 @@ int64_t now_ns() noexcept {
 }
 
 Request::Request(uint64_t id, OpKind op, std::shared_ptr<File> file, std::shared_ptr<Region> region,
-                 std::vector<IoEntry> entries, int64_t deadline_ns, bool timing, std::string target)
-    : id_(id), op_(op), file_(std::move(file)), region_(std::move(region)), entries_(std::move(entries)),
+                 std::vector<IoEntry> entries, int64_t deadline_ns, bool timing, std::string target,
+                 std::shared_ptr<Region> device)
+    : id_(id), op_(op), file_(std::move(file)), region_(std::move(region)), device_(std::move(device)),
+      entries_(std::move(entries)),
       target_(!target.empty() ? std::move(target) : file_ ? file_->path() : std::string()),
       deadline_ns_(deadline_ns), timing_(timing), unfinished_(static_cast<int64_t>(entries_.size())) {
   size_t n = entries_.size();

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "dpmove/backend.h"
+#include "dpmove/copy.h"
 #include "dpmove/file.h"
 #include "dpmove/net.h"
 #include "dpmove/qos_gate.h"
@@ -39,7 +40,17 @@ struct EngineOptions {
   // markings.
   qos::GateOptions storage_qos, net_qos;
   int default_class = 0;  // what a request that names no class (-1) gets
+  // GPU provider: "auto" (the CUDA driver when it sees a device, else the emulated GPU),
+  // "cuda" (required), "emulated", or "off" (no device regions, no pinning).
+  std::string gpu = "auto";
+  // Pin (cuMemHostRegister) every host region at registration so copies can use it.
+  bool pin_host = true;
+  // QoS of the host<->GPU copy path (cuda and batched backends; cnic copies are RDMA writes
+  // and pass the net gate). Same classes as storage_qos; empty: QoS off on this path.
+  qos::GateOptions copy_qos;
 };
+
+class CopySink;
 
 class SlotRegistry;
 struct Kicker;
@@ -64,6 +75,32 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::shared_ptr<Region> wrap(uint8_t* base, size_t size, bool writable, std::function<void()> release,
                                bool register_memory, const std::string& kind);
   std::shared_ptr<File> open(const std::string& path, const OpenOptions& opts, bool register_file);
+
+  // --- GPU ---
+  // The provider chosen at create (null with gpu="off") and why.
+  gpu::GpuApi* gpu() const noexcept { return gpu_; }
+  const std::string& gpu_reason() const noexcept { return gpu_reason_; }
+  // Device memory owned by dpmove (cuMemAlloc; emulated: host pages), `size` bytes on `device`.
+  std::shared_ptr<Region> device_alloc(size_t size, int device);
+  // Device memory owned by someone else (a CuPy array, a DLPack tensor): [addr, addr + size)
+  // on `device`. Checks with the driver that the range is device memory of that device
+  // inside one allocation (UsageError naming what it found otherwise: host memory, freed or
+  // unknown memory, another device). `release` runs once when nothing uses it any more.
+  std::shared_ptr<Region> wrap_device(uint64_t addr, size_t size, int device, bool writable,
+                                      std::function<void()> release, const std::string& kind);
+  // Queues a host<->device copy (op kH2D or kD2H) through the copy gate. Entries:
+  // file_offset = offset in `device`, region_offset = offset in `host`, length.
+  // backend: "auto", "cuda", "batched" or "cnic"; UsageError / UnsupportedError when it cannot
+  // take this copy (with the reason), before anything moves.
+  std::shared_ptr<Request> copy(OpKind op, const std::shared_ptr<Region>& device, const std::shared_ptr<Region>& host,
+                                const IoEntry* entries, size_t n, int64_t timeout_ns, bool timing, int qos_class,
+                                const std::string& backend);
+  // "" when `backend` can copy on `device` here, else why not.
+  std::string copy_backend_status(const std::string& backend, int device);
+  // The backend "auto" picks for a copy of n entries of mean length mean_len on a region.
+  std::string auto_copy_backend(const Region& host, int device, size_t n, int64_t mean_len);
+  const std::shared_ptr<qos::Gate>& copy_gate() const noexcept { return copy_gate_; }
+  std::map<std::string, copy::Stats> copy_stats() const;
 
   // Validates every entry (UsageError naming the entry and what was expected), then queues the
   // request. timeout_ns < 0: the engine's default; INT64_MAX: no deadline.
@@ -109,6 +146,14 @@ class Engine : public std::enable_shared_from_this<Engine> {
   BackendStats final_stats_;
   std::shared_ptr<qos::Gate> storage_gate_, net_gate_;
   std::shared_ptr<StorageSink> storage_sink_;
+
+  void pin(Memory& m);
+  gpu::GpuApi* gpu_ = nullptr;
+  std::string gpu_reason_;
+  std::shared_ptr<copy::Copier> cuda_copier_, batched_copier_;
+  std::shared_ptr<qos::Gate> copy_gate_;
+  std::shared_ptr<CopySink> copy_sink_;
+  std::map<std::string, copy::Stats> final_copy_stats_;
 };
 
 // Whether the io_uring backend was compiled in.

@@ -25,6 +25,10 @@
 
 namespace dpmove {
 
+namespace gpu {
+class GpuApi;
+}
+
 // The kernel caps one fixed buffer at 1 GiB.
 constexpr size_t kMaxRegChunk = size_t{1} << 30;
 
@@ -84,6 +88,28 @@ class Memory {
   bool registered() const;
   std::string registration_error() const;
 
+  // --- GPU ---
+  // Device memory: base() is a device virtual address on `device` of `api` (for the emulated
+  // provider, host memory standing in for it). Such memory is never dereferenced on the host:
+  // file I/O, the buffer protocol and shm refuse it. Set once, before the Memory is shared.
+  void set_device(gpu::GpuApi* api, int device) noexcept { gpu_ = api, device_ = device; }
+  bool is_device() const noexcept { return device_ >= 0; }
+  int device() const noexcept { return device_; }
+  gpu::GpuApi* gpu_api() const noexcept { return gpu_; }
+  // Host memory pinned and mapped for copies (cuMemHostRegister): `alias` is its address in
+  // the devices' address space; `unpin` runs from ~Memory before the storage is released.
+  // On failure pin_error says why (copies then refuse this memory). Set once, before sharing.
+  void set_pinned(uint64_t alias, std::function<void()> unpin) {
+    pinned_ = true, device_alias_ = alias, unpin_ = std::move(unpin);
+  }
+  void set_pin_error(std::string why) { pin_error_ = std::move(why); }
+  bool pinned() const noexcept { return pinned_; }
+  uint64_t device_alias() const noexcept { return device_alias_; }
+  const std::string& pin_error() const noexcept { return pin_error_; }
+  // Called once from close() (the root view closing) or ~Memory, whichever is first: lets an
+  // owner of derived resources (a cnic exposure) give them up. Thread-safe.
+  void on_close(std::function<void()> hook);
+
   // Marks the memory closed for new requests (done when its root view closes). The
   // registration and the storage stay until the last holder is gone.
   void close();
@@ -103,6 +129,14 @@ class Memory {
   std::atomic<bool> closed_{false};
   int memfd_ = -1;
   size_t memfd_size_ = 0;
+  gpu::GpuApi* gpu_ = nullptr;
+  int device_ = -1;
+  bool pinned_ = false;
+  uint64_t device_alias_ = 0;
+  std::function<void()> unpin_;
+  std::string pin_error_;
+  std::vector<std::function<void()>> close_hooks_;  // guarded by mu_
+  void run_close_hooks();
 };
 
 class Region {

@@ -37,7 +37,9 @@ class Gate;
 
 enum class ReqState : int { kPending = 0, kDone = 1, kFailed = 2, kTimedOut = 3, kCancelled = 4 };
 // kPut: a one-sided write into a peer's exposed region (file() is null, target() names the peer).
-enum class OpKind : uint8_t { kRead = 0, kWrite = 1, kPut = 2 };
+// kH2D / kD2H: copies between host memory (region()) and device memory (device()); entries'
+// file_offset is the offset in the device region.
+enum class OpKind : uint8_t { kRead = 0, kWrite = 1, kPut = 2, kH2D = 3, kD2H = 4 };
 
 const char* state_name(ReqState s) noexcept;
 const char* op_name(OpKind op) noexcept;
@@ -56,12 +58,15 @@ class Request {
  public:
   // deadline_ns: absolute CLOCK_MONOTONIC time, or INT64_MAX for none.
   Request(uint64_t id, OpKind op, std::shared_ptr<File> file, std::shared_ptr<Region> region,
-          std::vector<IoEntry> entries, int64_t deadline_ns, bool timing, std::string target = {});
+          std::vector<IoEntry> entries, int64_t deadline_ns, bool timing, std::string target = {},
+          std::shared_ptr<Region> device = nullptr);
 
   uint64_t id() const noexcept { return id_; }
   OpKind op() const noexcept { return op_; }
   const std::shared_ptr<File>& file() const noexcept { return file_; }
   const std::shared_ptr<Region>& region() const noexcept { return region_; }
+  // The device side of a kH2D / kD2H copy; null otherwise.
+  const std::shared_ptr<Region>& device() const noexcept { return device_; }
   // What the request moves bytes to or from, for messages: the file path, or the peer and
   // remote region of a kPut.
   const std::string& target() const noexcept { return target_; }
@@ -143,6 +148,7 @@ class Request {
   const OpKind op_;
   const std::shared_ptr<File> file_;
   const std::shared_ptr<Region> region_;
+  const std::shared_ptr<Region> device_;
   const std::vector<IoEntry> entries_;
   const std::string target_;
   const int64_t deadline_ns_;
