@@ -86,6 +86,50 @@ def entries(file_offsets: Any, region_offsets: Any, lengths: Any) -> np.ndarray:
     return out
 
 
+def _is_device(r: Any) -> bool:
+    return isinstance(r, _core.Region) and r.location != "host"
+
+
+def _parse_cai(cai: Any) -> "tuple[int, int, bool]":
+    """(address, nbytes, readonly) of a C-contiguous ``__cuda_array_interface__`` (v0-v3)."""
+    if not isinstance(cai, dict):
+        raise ValueError(f"__cuda_array_interface__ must be a dict, got {type(cai).__name__}")
+    try:
+        shape = tuple(int(d) for d in cai["shape"])
+        typestr = str(cai["typestr"])
+        data = cai["data"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"__cuda_array_interface__ lacks a valid shape / typestr / data: {e!r}") from None
+    if cai.get("mask") is not None:
+        raise ValueError("__cuda_array_interface__ with a mask is not supported")
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise ValueError(f"__cuda_array_interface__ data must be (pointer, read_only), got {data!r}")
+    addr, ro = int(data[0] or 0), bool(data[1])
+    try:
+        itemsize = np.dtype(typestr).itemsize
+    except TypeError:
+        raise ValueError(f"__cuda_array_interface__ typestr {typestr!r} is not a dtype") from None
+    if any(d < 0 for d in shape):
+        raise ValueError(f"__cuda_array_interface__ shape {shape} has a negative dimension")
+    strides = cai.get("strides")
+    if strides is not None:
+        expect = itemsize
+        for dim, st in zip(reversed(shape), reversed(tuple(int(x) for x in strides))):
+            if dim > 1 and st != expect:
+                raise ValueError(
+                    f"expected a C-contiguous array; this one is strided (strides {tuple(strides)} bytes for shape {shape}); "
+                    "make it contiguous first (e.g. cupy.ascontiguousarray)")
+            expect *= dim
+    n = itemsize
+    for d in shape:
+        n *= d
+    if n == 0:
+        raise ValueError("register_device: the array is empty (0 bytes)")
+    if addr == 0:
+        raise ValueError("__cuda_array_interface__ data pointer is NULL")
+    return addr, n, ro
+
+
 class Engine:
     """One per process: owns the I/O workers, rings, registered memory and files.
 
@@ -117,6 +161,14 @@ class Engine:
         ``DPMOVE_QOS_FILE`` / ``DPMOVE_QOS`` applied (``QosConfig.from_env()``). Every read,
         write and peer write names a class (``traffic_class="kv_load"``), or gets the
         configuration's default class.
+    gpu:
+        ``"auto"`` (the CUDA driver when it sees a device, else the emulated GPU; the
+        environment variable ``DPMOVE_GPU`` overrides), ``"cuda"`` (raise without one),
+        ``"emulated"`` (device regions in host memory: the same API and code paths, never GPU
+        measurements) or ``"off"``.
+    pin_host:
+        Pin (page-lock and map for the GPU) every host region at registration, once, so copies
+        use it directly (``Region.pinned``, ``Region.pin_error``).
     """
 
     def __init__(
@@ -133,9 +185,13 @@ class Engine:
         listen_unix: bool = True,
         name: str = "",
         qos: Optional[QosConfig] = None,
+        gpu: Optional[str] = None,
+        pin_host: bool = True,
     ) -> None:
         if backend is None:
             backend = os.environ.get("DPMOVE_BACKEND", "auto")
+        if gpu is None:
+            gpu = os.environ.get("DPMOVE_GPU", "auto")
         if qos is None:
             qos = QosConfig.from_env()
         elif not isinstance(qos, QosConfig):
@@ -154,6 +210,8 @@ class Engine:
             listen_unix=listen_unix,
             name=name,
             qos=self._qos.core_options(),
+            gpu=gpu,
+            pin_host=pin_host,
         )
         _live.add(self)
 
@@ -215,6 +273,103 @@ class Engine:
         exported (cannot be resized) until the region and every request using it are gone.
         """
         return self._core.register(obj, register=register)
+
+    # --- GPU ---------------------------------------------------------------------------------
+    def gpu_info(self) -> dict:
+        """``provider`` (``"cuda"``, ``"emulated"`` or ``"off"``), ``emulated``, ``reason``
+        and ``devices`` (index, name, compute_capability)."""
+        return self._core.gpu_info()
+
+    def device_alloc(self, nbytes: int, *, device: int = 0) -> "_core.Region":
+        """Device memory owned by dpmove (cuMemAlloc; emulated: host pages), freed when the
+        region and every request using it are gone. Uninitialised."""
+        return self._core.device_alloc(int(nbytes), int(device))
+
+    def register_device(self, obj: Any, *, device: Optional[int] = None, readonly: Optional[bool] = None) -> "_core.Region":
+        """A device Region over a GPU array: anything with ``__cuda_array_interface__``
+        (CuPy, Numba) or ``__dlpack__`` (torch, JAX, CuPy), C-contiguous, on a CUDA device.
+
+        The array stays referenced until the region and every request using it are gone.
+        ``device`` checks the array is on that device (None: wherever it is). ``readonly``
+        overrides the array's own flag (True makes the region a copy source only). Host arrays
+        (numpy, ``kDLCPU`` tensors), strided views, freed or managed memory raise ValueError /
+        UsageError saying which.
+        """
+        dev = -1 if device is None else int(device)
+        cai = getattr(obj, "__cuda_array_interface__", None)
+        if cai is not None:
+            addr, nbytes, ro = _parse_cai(cai)
+            if readonly is not None:
+                if ro and not readonly:
+                    raise ValueError("the array is read-only (__cuda_array_interface__ data[1] is True)")
+                ro = bool(readonly)
+            return self._core._wrap_device(addr, nbytes, dev, not ro, obj, "cuda_array_interface")
+        if hasattr(obj, "__dlpack__"):
+            dl_dev = obj.__dlpack_device__() if hasattr(obj, "__dlpack_device__") else None
+            if dl_dev is not None and int(dl_dev[0]) != 2:
+                kind = {1: "kDLCPU (host memory)", 3: "kDLCUDAHost (pinned host memory)", 13: "kDLCUDAManaged"}.get(
+                    int(dl_dev[0]), f"device type {int(dl_dev[0])}")
+                raise ValueError(f"expected device memory (DLPack kDLCUDA), got {kind}"
+                                 + ("; register host memory with Engine.register" if int(dl_dev[0]) in (1, 3) else ""))
+            try:
+                cap = obj.__dlpack__(max_version=(1, 0))
+            except TypeError:  # producers older than DLPack 1.0 take no max_version
+                cap = obj.__dlpack__()
+            return self._core._register_dlpack(cap, dev, readonly)
+        raise TypeError(
+            f"expected a GPU array with __cuda_array_interface__ or __dlpack__ (CuPy, torch, ...), got {type(obj).__name__}"
+        )
+
+    def copy(
+        self,
+        dst: "_core.Region",
+        src: "_core.Region",
+        batch: Any = None,
+        *,
+        backend: str = "auto",
+        timeout_s: Optional[float] = None,
+        timing: bool = False,
+        traffic_class: Optional[str] = None,
+    ) -> "_core.Request":
+        """Copies between host and device memory: one side a device Region, the other a host
+        Region (or a writable C-contiguous buffer, registered here).
+
+        `batch`: (N, 3) rows of (dst_offset, src_offset, length) in bytes; None copies all of
+        `src` to the start of `dst` (ValueError when their sizes differ). `backend`:
+        ``"cuda"`` (copy engine, one cuMemcpyAsync per row), ``"batched"`` (one kernel launch
+        gathers / scatters all rows; host memory must be pinned), ``"cnic"`` (an RDMA write
+        through the GPU's NIC on a loopback queue pair; needs verbs) or ``"auto"``. Returns at
+        once with a Request whose entries end per row.
+        """
+        dst_dev = _is_device(dst)
+        src_dev = _is_device(src)
+        if dst_dev == src_dev:
+            raise ValueError("copy: expected one device Region and one host Region, got "
+                             + ("two device regions" if dst_dev else "two host regions (use Engine.read/write or numpy)"))
+        if not dst_dev:
+            dst = self._core.register(dst, register=False)
+        else:
+            src = self._core.register(src, register=False)
+        if batch is None:
+            if len(dst) != len(src):
+                raise ValueError(f"copy: sizes differ (dst {len(dst)} bytes, src {len(src)} bytes); pass a batch to copy part")
+            rows = np.array([[0, 0, len(src)]], dtype=np.int64)
+        else:
+            rows = as_entries(batch)
+        cls = self._qos.class_index(traffic_class)
+        if dst_dev:  # h2d: core rows are (device_offset, host_offset, length) = (dst, src, length)
+            return self._core.copy("h2d", dst, src, rows, timeout_s, timing, cls, backend)
+        # d2h: (device_offset, host_offset) = (src, dst): swap the first two columns
+        return self._core.copy("d2h", src, dst, np.ascontiguousarray(rows[:, [1, 0, 2]]), timeout_s, timing, cls, backend)
+
+    def copy_backend_status(self, backend: str, device: int = 0) -> str:
+        """'' when `backend` can copy on `device` here, else why not."""
+        return self._core.copy_backend_status(backend, device)
+
+    def copy_stats(self) -> dict:
+        """Per copy backend: runs, copies, launches, bytes, errors, pageable copies, submit_ns,
+        descriptor tables."""
+        return self._core.copy_stats()
 
     def open(
         self, path: Union[str, os.PathLike], mode: str = "r", *, direct: Union[bool, str] = "auto", register: bool = True

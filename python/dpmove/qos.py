@@ -106,7 +106,8 @@ def _defaults() -> Dict[str, TrafficClass]:
 
 @dataclasses.dataclass
 class PathLimits:
-    """In-flight windows of one path (``storage``: file I/O; ``net``: one-sided writes), in bytes.
+    """In-flight windows of one path (``storage``: file I/O; ``net``: one-sided writes; ``copy``:
+    host<->GPU copies of the cuda and batched backends), in bytes.
 
     inflight: everything dispatched and not yet ended, all classes (0: no window).
     low_inflight: the same for classes below the top level; what the window leaves is kept for
@@ -155,6 +156,10 @@ def _default_paths() -> Dict[str, "PathLimits"]:
     return {
         "storage": PathLimits(inflight=0, low_inflight=512 << 10, low_chunk=128 << 10),
         "net": PathLimits(inflight=0, low_inflight=16 << 20, low_chunk=0),
+        # copy (host<->GPU through the cuda / batched backends; cnic copies are RDMA writes and
+        # take the net path): 8 MiB of low-level copies in flight while the top level is
+        # active, about 150 us of PCIe Gen5 x16, so a control copy waits at most that long.
+        "copy": PathLimits(inflight=0, low_inflight=8 << 20, low_chunk=0),
     }
 
 
@@ -192,8 +197,8 @@ class QosConfig:
             raise ValueError("qos: quantum_bytes must be >= 1")
         if not isinstance(self.enabled, bool):
             raise ValueError(f"qos: enabled must be true or false, got {self.enabled!r}")
-        if set(self.paths) != {"storage", "net"}:
-            raise ValueError(f"qos: paths must be exactly 'storage' and 'net', got {sorted(self.paths)}")
+        if set(self.paths) != {"storage", "net", "copy"}:
+            raise ValueError(f"qos: paths must be exactly 'storage', 'net' and 'copy', got {sorted(self.paths)}")
         for name, p in self.paths.items():
             p.validate(name)
             for cls in p.rates:
@@ -237,7 +242,7 @@ class QosConfig:
             self.enabled = v
         pfields = {f.name for f in dataclasses.fields(PathLimits)}
         if "paths" in data and not isinstance(data["paths"], Mapping):
-            raise ValueError(f"{source}: paths must be a table of storage / net, got {data['paths']!r}")
+            raise ValueError(f"{source}: paths must be a table of storage / net / copy, got {data['paths']!r}")
         for pname, spec in (data.get("paths") or {}).items():
             if pname not in self.paths:
                 raise ValueError(f"{source}: unknown path {pname!r} (expected 'storage' or 'net')")
@@ -300,7 +305,7 @@ class QosConfig:
                 if name == "paths" and dot:
                     pname, dot2, pfield = field.partition(".")
                     if not dot2:
-                        raise ValueError(f"DPMOVE_QOS: expected paths.<storage|net>.<field>=value, got {item!r}")
+                        raise ValueError(f"DPMOVE_QOS: expected paths.<storage|net|copy>.<field>=value, got {item!r}")
                     if pfield.startswith("rates."):
                         parts = pfield.split(".")
                         if len(parts) != 3:
