@@ -353,7 +353,12 @@ std::string Engine::copy_backend_status(const std::string& backend, int device) 
   if (device < 0 || device >= gpu_->device_count()) return "no device " + std::to_string(device);
   if (backend == "cuda") return "";
   if (backend == "batched") return gpu_->kernel_status(device);
-  if (backend == "cnic") return "cnic copies are not built into this engine";
+  if (backend == "cnic") {
+    std::string why;
+    if (!net::verbs_usable(&why)) return "no usable verbs device (" + why + ")";
+    why = gpu_->gpudirect_status(device);
+    return why.empty() ? "" : "GPUDirect RDMA: " + why;
+  }
   return "unknown copy backend '" + backend + "' (expected 'auto', 'cuda', 'batched' or 'cnic')";
 }
 
@@ -362,6 +367,9 @@ std::string Engine::auto_copy_backend(const Region& host, int device, size_t n, 
   // several blocks, each small enough that the copy engine's per-copy cost matters.
   constexpr size_t kMinBatch = 4;
   constexpr int64_t kMaxMeanLen = 4 << 20;
+  // DualPath's path where the hardware has it: the copy is an RDMA write through the GPU's NIC,
+  // so the NIC's traffic classes govern it. Never picked for an emulated GPU (ask for it).
+  if (!gpu_->emulated() && copy_backend_status("cnic", device).empty()) return "cnic";
   if (n >= kMinBatch && mean_len <= kMaxMeanLen && host.memory()->pinned() && gpu_->kernel_status(device).empty())
     return "batched";
   return "cuda";
@@ -413,6 +421,10 @@ std::shared_ptr<Request> Engine::copy(OpKind op, const std::shared_ptr<Region>& 
   if (backend == "auto") chosen = auto_copy_backend(*host, dev, n, n ? total / static_cast<int64_t>(n) : 0);
   std::string why = copy_backend_status(chosen, dev);
   if (!why.empty()) throw UnsupportedError(ENOTSUP, std::string(what) + " with backend '" + chosen + "': " + why);
+  if (chosen == "cnic") {
+    life.unlock();  // cnic_copy goes through agent(), which takes its own locks and may connect
+    return cnic_copy(op, device, host, std::move(v), timeout_ns, timing, cls);
+  }
   std::shared_ptr<copy::Copier> copier = chosen == "batched" ? batched_copier_ : cuda_copier_;
   if (chosen == "batched" && !host->memory()->pinned())
     throw UsageError(std::string(what) + " with backend 'batched': the host region is not pinned (" +
@@ -427,6 +439,68 @@ std::shared_ptr<Request> Engine::copy(OpKind op, const std::shared_ptr<Region>& 
       new Request(next_id_->fetch_add(1), op, nullptr, host, std::move(v), deadline, timing, target, device));
   copy_gate_->submit(req, cls, copy_sink_, copier, false);
   return req;
+}
+
+net::RemoteHandle Engine::cnic_expose(const std::shared_ptr<Memory>& mem) {
+  // cnic_mu_ held.
+  auto it = cnic_exposed_.find(mem.get());
+  if (it != cnic_exposed_.end()) return it->second;
+  auto whole = std::make_shared<Region>(mem, 0, mem->size());
+  net::RemoteHandle h = agent()->expose(whole, true);
+  cnic_exposed_[mem.get()] = h;
+  // The exposure holds the memory: give it up when the application closes the region.
+  std::weak_ptr<Engine> self = weak_from_this();
+  const Memory* key = mem.get();
+  mem->on_close([self, key, h] {
+    auto e = self.lock();
+    if (!e) return;
+    std::shared_ptr<net::Agent> a;
+    {
+      std::lock_guard<std::mutex> lk(e->cnic_mu_);
+      e->cnic_exposed_.erase(key);
+      std::lock_guard<std::mutex> lk2(e->agent_mu_);
+      a = e->agent_;
+    }
+    if (a) a->unexpose(h.key);
+  });
+  return h;
+}
+
+std::shared_ptr<Request> Engine::cnic_copy(OpKind op, const std::shared_ptr<Region>& device,
+                                           const std::shared_ptr<Region>& host, std::vector<IoEntry> v,
+                                           int64_t timeout_ns, bool timing, int cls) {
+  if (timeout_ns < 0) timeout_ns = opts_.default_timeout_ns;
+  std::shared_ptr<net::Peer> peer;
+  net::RemoteHandle dst;
+  {
+    std::lock_guard<std::mutex> lk(cnic_mu_);
+    if (!cnic_peer_) {
+      auto a = agent();
+      net::ConnectOptions o;
+      o.transport = "verbs";
+      cnic_peer_ = a->connect(a->metadata(), o);
+    }
+    peer = cnic_peer_;
+    // The written side is exposed whole; entries are re-based from the views to the memory.
+    const std::shared_ptr<Region>& target = op == OpKind::kH2D ? device : host;
+    dst = cnic_expose(target->memory());
+  }
+  const int64_t dev_base = static_cast<int64_t>(device->offset_in_memory());
+  const int64_t host_base = static_cast<int64_t>(host->offset_in_memory());
+  // Put entries: file_offset = offset in the exposed (written) memory, region_offset = offset
+  // in the local (read) region.
+  for (IoEntry& e : v) {
+    const int64_t doff = e.file_offset, hoff = e.region_offset;
+    if (op == OpKind::kH2D) {
+      e.file_offset = dev_base + doff;
+      e.region_offset = hoff;
+    } else {
+      e.file_offset = host_base + hoff;
+      e.region_offset = doff;
+    }
+  }
+  const std::shared_ptr<Region>& src = op == OpKind::kH2D ? host : device;
+  return peer->put(src, dst, v.data(), v.size(), nullptr, 0, false, timeout_ns, timing, cls);
 }
 
 std::map<std::string, copy::Stats> Engine::copy_stats() const {

@@ -232,6 +232,15 @@ class CudaGpu final : public GpuApi {
     return dmabuf_(fd, p, n, kRangeHandleDmaBufFd, 0);
   }
 
+  std::string gpudirect_status(int dev) override {
+    constexpr int kAttrGpuDirectRdma = 116;  // CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_SUPPORTED
+    int v = 0;
+    CUdevice d;
+    if (!usable(dev)) return "no CUDA device " + std::to_string(dev);
+    if (dev_get_(&d, dev) || dev_attr_(&v, kAttrGpuDirectRdma, d)) return "the driver does not report GPUDirect RDMA support";
+    return v ? "" : "device " + std::to_string(dev) + " does not support GPUDirect RDMA";
+  }
+
   std::string error_string(int code) override {
     const char* name = nullptr;
     const char* text = nullptr;

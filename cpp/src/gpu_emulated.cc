@@ -227,6 +227,8 @@ class EmulatedGpu final : public GpuApi {
     return kNotSupported;
   }
 
+  std::string gpudirect_status(int dev) override { return enter(dev) ? "no emulated device " + std::to_string(dev) : ""; }
+
   std::string error_string(int code) override {
     switch (code) {
       case 0: return "CUDA_SUCCESS (emulated)";

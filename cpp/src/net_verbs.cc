@@ -65,6 +65,7 @@
 #include <cstring>
 #include <random>
 
+#include "dpmove/gpu.h"
 #include "dpmove/net.h"
 #include "dpmove/status.h"
 #include "dpmove/verbs_api.h"
@@ -75,6 +76,29 @@ namespace net {
 using verbs::VerbsApi;
 
 namespace {
+
+// Registers [addr, addr + len) of `mem` with the HCA. Host memory and emulated device memory:
+// ibv_reg_mr. CUDA device memory: a dma-buf of the range (cuMemGetHandleForAddressRange, then
+// ibv_reg_dmabuf_mr; the fd is closed once the MR holds the pages) where the driver and
+// libibverbs both offer it, else ibv_reg_mr on the device address, which works where the
+// nvidia-peermem module is loaded. nullptr + errno on failure.
+ibv_mr* reg_memory(VerbsApi& api, ibv_pd* pd, const Memory& mem, uint8_t* addr, size_t len, int access) {
+  gpu::GpuApi* g = mem.gpu_api();
+  if (!mem.is_device() || !g || g->emulated()) return api.reg_mr(pd, addr, len, access);
+  const uint64_t a = reinterpret_cast<uint64_t>(addr);
+  const uint64_t start = a & ~uint64_t{4095};
+  const uint64_t end = (a + len + 4095) & ~uint64_t{4095};
+  int fd = -1;
+  if (g->dmabuf_fd(start, end - start, &fd) == 0 && fd >= 0) {
+    ibv_mr* m = api.reg_dmabuf_mr(pd, a - start, len, a, fd, access);
+    int err = errno;
+    ::close(fd);
+    if (m) return m;
+    errno = err;
+  }
+  return api.reg_mr(pd, addr, len, access);
+}
+
 
 enum CtrlOp : uint32_t { kOpQp = 1, kOpResolve = 2, kOpNotify = 3 };
 
@@ -556,7 +580,8 @@ class Responder {
       size_t size = e.region->size();
       for (size_t off = 0; off < size; off += chunk) {
         size_t len = std::min(chunk, size - off);
-        ibv_mr* m = api_.reg_mr(dev_.pd, e.region->data() + off, len, IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
+        ibv_mr* m = reg_memory(api_, dev_.pd, *e.region->memory(), e.region->data() + off, len,
+                               IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_WRITE);
         if (!m) {
           err = errno ? errno : ENOMEM;
           for (ibv_mr* x : reg.mrs) api_.dereg_mr(x);
@@ -1036,7 +1061,7 @@ class VerbsTransport final : public Transport, public std::enable_shared_from_th
     for (size_t off = 0; off < mem->size(); off += reg->chunk) {
       size_t len = std::min(reg->chunk, mem->size() - off);
       // Source of RDMA WRITE only: the HCA reads it, no access flag is needed.
-      ibv_mr* m = api_.reg_mr(dev_->pd, mem->base() + off, len, 0);
+      ibv_mr* m = reg_memory(api_, dev_->pd, *mem, mem->base() + off, len, 0);
       if (!m) {
         int e = errno ? errno : ENOMEM;
         for (ibv_mr* x : reg->mrs) api_.dereg_mr(x);

@@ -85,6 +85,8 @@ class RealVerbs final : public VerbsApi {
     sym(dealloc_pd_, "ibv_dealloc_pd");
     sym(reg_mr_, "ibv_reg_mr");
     sym(dereg_mr_, "ibv_dereg_mr");
+    // Optional: GPU memory is registered through peer memory without it.
+    reg_dmabuf_mr_ = reinterpret_cast<decltype(reg_dmabuf_mr_)>(dlsym(lib_, "ibv_reg_dmabuf_mr"));
     sym(create_comp_channel_, "ibv_create_comp_channel");
     sym(destroy_comp_channel_, "ibv_destroy_comp_channel");
     sym(create_cq_, "ibv_create_cq");
@@ -130,6 +132,13 @@ class RealVerbs final : public VerbsApi {
   int dealloc_pd(ibv_pd* p) override { return lib_ ? dealloc_pd_(p) : ENOSYS; }
   ibv_mr* reg_mr(ibv_pd* p, void* a, size_t n, int acc) override { return lib_ ? reg_mr_(p, a, n, acc) : fail<ibv_mr*>(); }
   int dereg_mr(ibv_mr* m) override { return lib_ ? dereg_mr_(m) : ENOSYS; }
+  ibv_mr* reg_dmabuf_mr(ibv_pd* p, uint64_t off, size_t n, uint64_t iova, int fd, int acc) override {
+    if (!lib_ || !reg_dmabuf_mr_) {
+      errno = EOPNOTSUPP;
+      return nullptr;
+    }
+    return reg_dmabuf_mr_(p, off, n, iova, fd, acc);
+  }
   ibv_comp_channel* create_comp_channel(ibv_context* c) override {
     return lib_ ? create_comp_channel_(c) : fail<ibv_comp_channel*>();
   }
@@ -179,6 +188,7 @@ class RealVerbs final : public VerbsApi {
   int (*dealloc_pd_)(ibv_pd*) = nullptr;
   ibv_mr* (*reg_mr_)(ibv_pd*, void*, size_t, int) = nullptr;
   int (*dereg_mr_)(ibv_mr*) = nullptr;
+  ibv_mr* (*reg_dmabuf_mr_)(ibv_pd*, uint64_t, size_t, uint64_t, int, int) = nullptr;
   ibv_comp_channel* (*create_comp_channel_)(ibv_context*) = nullptr;
   int (*destroy_comp_channel_)(ibv_comp_channel*) = nullptr;
   ibv_cq* (*create_cq_)(ibv_context*, int, void*, ibv_comp_channel*, int) = nullptr;
@@ -367,6 +377,10 @@ class FakeVerbs final : public VerbsApi {
     rkeys_[m->mr.rkey] = m;
     reinterpret_cast<FPd*>(pd)->children++;
     return &m->mr;
+  }
+  ibv_mr* reg_dmabuf_mr(ibv_pd* pd, uint64_t offset, size_t len, uint64_t iova, int fd, int access) override {
+    if (fd < 0) return fail(EBADF);
+    return reg_mr(pd, reinterpret_cast<void*>(iova), len, access);
   }
   int dereg_mr(ibv_mr* mr) override {
     auto* m = reinterpret_cast<FMr*>(mr);

@@ -154,6 +154,16 @@ class Engine : public std::enable_shared_from_this<Engine> {
   std::shared_ptr<qos::Gate> copy_gate_;
   std::shared_ptr<CopySink> copy_sink_;
   std::map<std::string, copy::Stats> final_copy_stats_;
+
+  // cnic: a verbs Peer of this engine's own agent (the loopback queue pairs), made on first
+  // use, and the exposure of each Memory a cnic copy wrote into (dropped when it closes).
+  std::shared_ptr<Request> cnic_copy(OpKind op, const std::shared_ptr<Region>& device,
+                                     const std::shared_ptr<Region>& host, std::vector<IoEntry> v, int64_t timeout_ns,
+                                     bool timing, int cls);
+  net::RemoteHandle cnic_expose(const std::shared_ptr<Memory>& mem);
+  std::mutex cnic_mu_;
+  std::shared_ptr<net::Peer> cnic_peer_;
+  std::map<const Memory*, net::RemoteHandle> cnic_exposed_;
 };
 
 // Whether the io_uring backend was compiled in.

@@ -90,6 +90,10 @@ class GpuApi {
   // ibv_reg_dmabuf_mr. kNotSupported where the driver or device lacks dma-buf export.
   virtual int dmabuf_fd(DevPtr p, size_t n, int* fd) = 0;
 
+  // "" when the device can be the target of GPUDirect RDMA (a NIC reading and writing its
+  // memory), else why not.
+  virtual std::string gpudirect_status(int dev) = 0;
+
   // "CUDA_ERROR_INVALID_VALUE: invalid argument"-style text for a code.
   virtual std::string error_string(int code) = 0;
 };

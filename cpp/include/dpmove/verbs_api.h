@@ -46,6 +46,10 @@ class VerbsApi {
   virtual int dealloc_pd(ibv_pd* pd) = 0;
   virtual ibv_mr* reg_mr(ibv_pd* pd, void* addr, size_t length, int access) = 0;
   virtual int dereg_mr(ibv_mr* mr) = 0;
+  // ibv_reg_dmabuf_mr (rdma-core 34+): registers [offset, offset + length) of dma-buf `fd`,
+  // addressed by the HCA as `iova`. nullptr + errno = EOPNOTSUPP where libibverbs lacks it.
+  // The fake registers iova as a host address (its device memory is host memory).
+  virtual ibv_mr* reg_dmabuf_mr(ibv_pd* pd, uint64_t offset, size_t length, uint64_t iova, int fd, int access) = 0;
 
   // nullptr with errno = ENOSYS when the provider has no completion channels (the fake):
   // callers then poll.
