@@ -14,6 +14,32 @@ def _limit(v: int) -> str:
     return "unlimited" if v == resource.RLIM_INFINITY else f"{v} bytes"
 
 
+def gpu_info() -> dict:
+    """The GPU provider ``Engine()`` picks here (``DPMOVE_GPU`` applied), its devices, and for
+    each copy backend whether it works on device 0 and why not; whether the batched kernel was
+    compiled into this build (else NVRTC compiles it at first use where libnvrtc loads)."""
+    cuda = _core.cuda_status()
+    out: dict = {"cuda_driver": {"usable": "yes" if cuda["usable"] else "no", "reason": cuda["reason"] or "ok"}}
+    missing = _core._batched_fatbin_missing()
+    out["batched_kernel"] = (
+        f"fatbin built by nvcc ({_core._batched_fatbin_size()} bytes)" if not missing
+        else f"not built: {missing}; NVRTC at first use ({_core._nvrtc_status() or 'libnvrtc not loaded yet'})"
+    )
+    try:
+        eng = _core.Engine("threadpool", gpu=os.environ.get("DPMOVE_GPU", "auto"))
+        g = eng.gpu_info()
+        out["provider"] = g["provider"] + (" (NOT a GPU: copies are host memcpy)" if g["emulated"] else "")
+        out["reason"] = g["reason"]
+        out["devices"] = {str(d["index"]): f"{d['name']}" + (f", sm {d['compute_capability']}" if d["compute_capability"] else "")
+                          for d in g["devices"]}
+        if g["devices"]:
+            out["copy_backends"] = {b: (eng.copy_backend_status(b, 0) or "usable") for b in ("cuda", "batched", "cnic")}
+        eng.close()
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        out["provider"] = f"error: {type(exc).__name__}: {exc}"
+    return out
+
+
 def info(path: Optional[str] = None) -> dict:
     """Returns a dict: version, kernel, each backend (compiled, usable, why), the backend an
     ``Engine()`` picks here and why, the transports for one-sided writes (verbs: whether
@@ -41,6 +67,7 @@ def info(path: Optional[str] = None) -> dict:
         "tcp": {"usable": "yes", "reason": "listens on 127.0.0.1 by default (Engine(listen_host=...))"},
         "verbs": {"usable": "yes" if ok else "no", "reason": why},
     }
+    out["gpu"] = gpu_info()
     try:
         from .qos import QosConfig
 

@@ -41,16 +41,17 @@ struct alignas(16) Vec16 {
   unsigned int a, b, c, d;
 };
 
-// Copies bytes [lo, hi) of `d`, this worker taking every `lanes`-th unit starting at `lane`
-// (unit: 16 bytes when src, dst and both bounds are 16-byte aligned, else 1 byte).
+// Copies bytes [lo, hi) of `d`, this worker taking every `lanes`-th unit starting at `lane`.
+// Units are 16-byte vectors when src, dst and lo are 16-byte aligned (the tail of a length
+// that is not a multiple of 16 then goes byte by byte), else single bytes.
 DPMOVE_HD void copy_span(const CopyDesc& d, unsigned long long lo, unsigned long long hi, unsigned lane,
                          unsigned lanes) {
-  if (((d.dst | d.src | lo | hi) & 15ull) == 0) {
+  if (((d.dst | d.src | lo) & 15ull) == 0) {
     Vec16* dst = reinterpret_cast<Vec16*>(d.dst + lo);
     const Vec16* src = reinterpret_cast<const Vec16*>(d.src + lo);
     const unsigned long long n = (hi - lo) >> 4;
     for (unsigned long long i = lane; i < n; i += lanes) dst[i] = src[i];
-    return;
+    lo += n << 4;
   }
   unsigned char* dst = reinterpret_cast<unsigned char*>(d.dst);
   const unsigned char* src = reinterpret_cast<const unsigned char*>(d.src);
