@@ -30,6 +30,13 @@ Supports the buffer protocol (``np.asarray(region)``, ``memoryview(region)``) an
         return py::buffer_info(r.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
                                {static_cast<py::ssize_t>(r.size())}, {1}, !r.writable());
       })
+      .def("__array__", [](py::object self, py::object dtype, py::object copy) {
+        auto& r = self.cast<Region&>();
+        r.check_open();
+        refuse_device(r);  // numpy would otherwise fall back to __getitem__ and fail obscurely
+        py::object a = py::module_::import("numpy").attr("frombuffer")(py::memoryview(self), py::arg("dtype") = "u1");
+        return dtype.is_none() ? a : a.attr("astype")(dtype);
+      }, py::arg("dtype") = py::none(), py::arg("copy") = py::none())
       .def("__len__", &Region::size)
       .def_property_readonly("nbytes", &Region::size, "size in bytes")
       .def_property_readonly("address", [](const Region& r) { return reinterpret_cast<uintptr_t>(r.data()); },

@@ -351,7 +351,7 @@ std::shared_ptr<Region> Engine::wrap_device(uint64_t addr, size_t size, int devi
 std::string Engine::copy_backend_status(const std::string& backend, int device) {
   if (!gpu_) return "this Engine has no GPU (gpu='off')";
   if (device < 0 || device >= gpu_->device_count()) return "no device " + std::to_string(device);
-  if (backend == "cuda") return "";
+  if (backend == "cuda" || backend == "auto") return "";  // auto falls back to cuda
   if (backend == "batched") return gpu_->kernel_status(device);
   if (backend == "cnic") {
     std::string why;

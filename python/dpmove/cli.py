@@ -1,4 +1,5 @@
-"""Command line: ``dpmove info``, ``dpmove bench ssd``, ``dpmove bench net`` and ``dpmove bench qos``."""
+"""Command line: ``dpmove info``, ``dpmove bench ssd``, ``dpmove bench net``, ``dpmove bench qos`` and
+``dpmove bench copy``."""
 
 from __future__ import annotations
 
@@ -41,11 +42,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     pb = sub.add_parser("bench", help="microbenchmarks")
     bsub = pb.add_subparsers(dest="bench", required=True)
-    from .bench import net as bench_net, qos as bench_qos, ssd
+    from .bench import copy as bench_copy, net as bench_net, qos as bench_qos, ssd
 
     ssd.add_parser(bsub)
     bench_net.add_parser(bsub)
     bench_qos.add_parser(bsub)
+    bench_copy.add_parser(bsub)
 
     args = p.parse_args(argv)
     try:
