@@ -38,7 +38,8 @@ struct Copier::Lane {
   std::vector<void*> events;  // free
   bool stop = false;
   int64_t stop_deadline = INT64_MAX;
-  int64_t leaked = 0;  // entries still running when the completion thread gave up
+  int64_t leaked = 0;  // entries still queued when shutdown's deadline passed
+  bool orphan = false;  // set then: the thread is detached and runs until the queue drains
   std::thread th;
 };
 
@@ -60,7 +61,8 @@ Copier::Lane& Copier::lane(int dev, bool d2h) {
       throw SysError(EIO, std::string(kind_name(kind_)) + " copies: cuStreamCreate on device " + std::to_string(dev) +
                               ": " + api_.error_string(rc));
     Lane* lp = l.get();
-    l->th = std::thread([this, lp] { complete(*lp); });
+    auto self = shared_from_this();  // an orphaned completion thread outlives shutdown()
+    l->th = std::thread([self, lp] { self->complete(*lp); });
     v.push_back(std::move(l));
     i = static_cast<unsigned>(v.size() - 1);
   }
@@ -246,9 +248,10 @@ void Copier::complete(Lane& l) {
       }
       {
         std::lock_guard<std::mutex> lk(l.mu);
-        if (l.stop && now >= l.stop_deadline) {
+        if (l.stop && now >= l.stop_deadline && !l.orphan) {
           for (auto& q : l.q) l.leaked += static_cast<int64_t>(q.idx.size());
-          return;
+          l.orphan = true;
+          l.cv.notify_all();  // shutdown() stops waiting for this lane
         }
       }
       std::this_thread::sleep_for(std::chrono::nanoseconds(sleep_ns));
@@ -272,6 +275,7 @@ void Copier::complete(Lane& l) {
       l.events.push_back(p->ev);
       tables.swap(p->tables);
       l.q.pop_front();
+      l.cv.notify_all();
     }
     for (auto& t : tables) give_table(t);
     std::lock_guard<std::mutex> sk(stats_mu_);
@@ -301,12 +305,18 @@ int64_t Copier::shutdown(int64_t timeout_ns) {
   int64_t leaked = 0;
   for (auto& kv : lanes)
     for (auto& l : kv.second) {
-      l->th.join();
-      if (l->leaked) {
-        leaked += l->leaked;
-        l.release();  // the device may still run these copies: keep stream, events, tables
-        continue;
+      {
+        std::unique_lock<std::mutex> lk(l->mu);
+        l->cv.wait(lk, [&] { return l->q.empty() || l->orphan; });
+        if (l->orphan) {
+          leaked += l->leaked;
+          lk.unlock();
+          l->th.detach();
+          l.release();  // the device may still run these copies: keep stream, events, tables
+          continue;
+        }
       }
+      l->th.join();
       for (void* ev : l->events) api_.event_destroy(l->dev, ev);
       api_.stream_destroy(l->dev, l->stream);
     }

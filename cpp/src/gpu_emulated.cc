@@ -32,7 +32,7 @@ struct EmuStream {
   std::mutex mu;
   std::condition_variable cv;
   std::deque<std::pair<uint64_t, std::function<int()>>> q;  // (seq, op -> 0 | error)
-  uint64_t queued = 0, done = 0;
+  uint64_t queued = 0, done = 0, recorded = 0;
   std::vector<std::pair<uint64_t, int>> failures;  // (seq, code), pruned as events pass them
   bool stop = false;
   std::thread th;
@@ -94,9 +94,9 @@ class EmulatedGpu final : public GpuApi {
     auto* s = static_cast<EmuStream*>(sp);
     std::lock_guard<std::mutex> lk(s->mu);
     e->s = s;
-    e->after = e->seq;  // a re-recorded event covers what was queued since its last record
-    if (e->after > s->queued) e->after = 0;
-    e->seq = s->queued;
+    // An event covers the ops queued on its stream since the previous record there.
+    e->after = s->recorded;
+    e->seq = s->recorded = s->queued;
     return 0;
   }
   int event_query(void* ep) override {

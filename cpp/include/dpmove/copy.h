@@ -49,7 +49,7 @@ struct Stats {
   uint64_t desc_tables = 0;   // pinned descriptor tables allocated (batched)
 };
 
-class Copier {
+class Copier : public std::enable_shared_from_this<Copier> {
  public:
   Copier(gpu::GpuApi& api, Kind kind);
   ~Copier();
@@ -63,8 +63,10 @@ class Copier {
   void submit(const std::shared_ptr<Request>& req, size_t begin, size_t end);
   // Stops taking work, waits up to timeout_ns for queued copies to complete, stops the
   // completion threads and releases streams, events and tables. Returns the entries still
-  // running (their streams, events and tables are then leaked rather than freed under the
-  // device). Idempotent.
+  // running: their lanes' completion threads are detached and keep finishing them as the
+  // device passes them (so their requests still end), holding the Copier; their streams,
+  // events and tables are leaked rather than freed under the device. Idempotent. Create
+  // Copiers with make_shared.
   int64_t shutdown(int64_t timeout_ns);
   Stats stats() const;
 
