@@ -56,9 +56,9 @@ class FakeCudaArray:
 class FakeDeviceArena:
     """Memory for FakeCudaArray buffers: slices of one buffer allocated when this module is
     imported, before any test frees emulated device memory. (The emulated GPU remembers freed
-    device ranges and refuses pointers into them even once the address space was reused for
-    unrelated host memory; test_foreign_memory_at_a_reused_address pins that down. Fresh numpy
-    buffers would make the other tests fail depending on what ran before them.)"""
+    device ranges and refuses pointers into them as "freed?", also once the OS has handed that
+    address range to unrelated host memory, so a fresh numpy buffer could be refused depending
+    on what ran before.)"""
 
     def __init__(self, size: int) -> None:
         self.buf = aligned_array(size, 4096)
