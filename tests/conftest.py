@@ -98,6 +98,34 @@ class TrackedEngine(dpmove.Engine):
             self.requests.append(req)
         return req
 
+    def copy(self, *args: Any, **kwargs: Any) -> dpmove.Request:
+        req = super().copy(*args, **kwargs)
+        if self.requests is not None:
+            self.requests.append(req)
+        return req
+
+
+def close_and_check(made: "List[TrackedEngine]") -> None:
+    """Closes every engine (a ResourceWarning - I/O or copies still running - fails the test)
+    and checks that each request it made ended: quiesced, terminal, no duplicate finish, no
+    entry left pending or running. Raises the first failure after closing them all."""
+    errors = []
+    for eng in made:
+        try:
+            eng.close(timeout_s=30)
+            st = eng.stats()
+            assert st["stale_completions"] == 0, st
+            for req in eng.requests or []:
+                assert req.wait_quiesced(30), f"{req} not quiesced after engine close"
+                assert req.state != dpmove.RequestState.PENDING
+                assert req.duplicate_finishes == 0, req
+                status = req.status
+                assert not np.isin(status, [dpmove.ENTRY_PENDING, dpmove.ENTRY_RUNNING]).any(), (req, status)
+        except Exception as exc:  # keep closing the others; report the first failure
+            errors.append(exc)
+    if errors:
+        raise errors[0]
+
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
@@ -120,22 +148,7 @@ def make_engine(backend: str) -> Iterator[Callable[..., TrackedEngine]]:
         return eng
 
     yield make
-    errors = []
-    for eng in made:
-        try:
-            eng.close(timeout_s=30)  # idempotent; warns (an error here) if I/O was stuck
-            st = eng.stats()
-            assert st["stale_completions"] == 0, st
-            for req in eng.requests or []:
-                assert req.wait_quiesced(30), f"{req} not quiesced after engine close"
-                assert req.state != dpmove.RequestState.PENDING
-                assert req.duplicate_finishes == 0, req
-                status = req.status
-                assert not np.isin(status, [dpmove.ENTRY_PENDING, dpmove.ENTRY_RUNNING]).any(), (req, status)
-        except Exception as exc:  # keep closing the others; report the first failure
-            errors.append(exc)
-    if errors:
-        raise errors[0]
+    close_and_check(made)
 
 
 @pytest.fixture

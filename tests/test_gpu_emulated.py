@@ -26,7 +26,7 @@ import pytest
 
 import dpmove
 from dpmove import _core
-from conftest import aligned_array, assert_done, finished, rand_bytes, write_file
+from conftest import TrackedEngine, aligned_array, assert_done, close_and_check, finished, rand_bytes, write_file
 
 S = dpmove.RequestState
 COPY_BACKENDS = ["cuda", "batched", "auto"]
@@ -87,19 +87,6 @@ def device_buffer(nbytes: int) -> np.ndarray:
     return ARENA.take(nbytes)
 
 
-class CopyEngine(dpmove.Engine):
-    """dpmove.Engine that keeps every copy request (for the teardown checks)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.requests: List[dpmove.Request] = []
-
-    def copy(self, *args: Any, **kwargs: Any) -> dpmove.Request:
-        req = super().copy(*args, **kwargs)
-        self.requests.append(req)
-        return req
-
-
 @pytest.fixture(autouse=True)
 def emulated_controls() -> Iterator[None]:
     _core._emulated_gpu_stall(False)
@@ -111,12 +98,12 @@ def emulated_controls() -> Iterator[None]:
 
 
 @pytest.fixture
-def make_engine() -> Iterator[Callable[..., CopyEngine]]:
-    made: List[CopyEngine] = []
+def make_engine() -> Iterator[Callable[..., TrackedEngine]]:
+    made: List[TrackedEngine] = []
 
-    def make(**kwargs: Any) -> CopyEngine:
+    def make(**kwargs: Any) -> TrackedEngine:
         kwargs.setdefault("gpu", "emulated")
-        eng = CopyEngine(**kwargs)
+        eng = TrackedEngine(**kwargs)
         if kwargs["gpu"] == "emulated":
             info = eng.gpu_info()
             assert info["provider"] == "emulated" and info["emulated"], info
@@ -125,24 +112,11 @@ def make_engine() -> Iterator[Callable[..., CopyEngine]]:
         return eng
 
     yield make
-    errors = []
-    for eng in made:
-        try:
-            eng.close(timeout_s=30)  # a ResourceWarning (copies still queued) fails the test
-            for req in eng.requests:
-                assert req.wait_quiesced(30), f"{req} not quiesced after engine close"
-                assert req.state != S.PENDING, req
-                assert req.duplicate_finishes == 0, req
-                st = req.status
-                assert not np.isin(st, [dpmove.ENTRY_PENDING, dpmove.ENTRY_RUNNING]).any(), (req, st)
-        except Exception as exc:
-            errors.append(exc)
-    if errors:
-        raise errors[0]
+    close_and_check(made)
 
 
 @pytest.fixture
-def eng(make_engine: Callable[..., CopyEngine]) -> CopyEngine:
+def eng(make_engine: Callable[..., TrackedEngine]) -> TrackedEngine:
     return make_engine()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import numpy as np
 import pytest
@@ -18,7 +18,7 @@ import pytest
 import dpmove
 from dpmove import _core
 from dpmove.kv.model import PRESETS, get_model
-from conftest import aligned_array, assert_done, rand_bytes
+from conftest import TrackedEngine, aligned_array, assert_done, close_and_check, rand_bytes
 
 pytestmark = pytest.mark.gpu
 
@@ -139,28 +139,14 @@ class Cai:
 # --- engine ----------------------------------------------------------------------------------
 
 
-class CopyEngine(dpmove.Engine):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.requests: List[dpmove.Request] = []
-
-    def copy(self, *args: Any, **kwargs: Any) -> dpmove.Request:
-        req = super().copy(*args, **kwargs)
-        self.requests.append(req)
-        return req
-
-
 @pytest.fixture
-def eng() -> Iterator[CopyEngine]:
-    e = CopyEngine(gpu="cuda")
+def eng() -> Iterator[TrackedEngine]:
+    e = TrackedEngine(gpu="cuda")
     info = e.gpu_info()
     assert info["provider"] == "cuda" and not info["emulated"] and info["devices"], info
     print(f"GPU: {info['devices'][0]}")
     yield e
-    e.close(timeout_s=30)
-    for req in e.requests:
-        assert req.wait_quiesced(30), req
-        assert not np.isin(req.status, [dpmove.ENTRY_PENDING, dpmove.ENTRY_RUNNING]).any(), req
+    close_and_check([e])
 
 
 def host(eng: dpmove.Engine, rng, n: int):
