@@ -25,6 +25,7 @@ void bind_qos(py::module_& m);  // after bind_engine: adds Engine methods
 void bind_verbs(py::module_& m);  // DPMOVE_HAVE_VERBS builds only: private test hooks
 void bind_gpu(py::module_& m);    // after bind_engine: device regions, copies
 void bind_gpu_kernel(py::module_& m);
+void bind_checksum(py::module_& m);  // DPMOVE_HAVE_XXHASH builds: XXH3-64 of buffer ranges
 
 // Wraps `fn` (work that needs the GIL: releasing a Python buffer, a DLPack deleter) so that it
 // can run from any thread: at once where the GIL is held, else queued for the main thread

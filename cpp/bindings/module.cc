@@ -12,6 +12,9 @@ PYBIND11_MODULE(_core, m) {
   dpmove::bind_qos(m);
   dpmove::bind_gpu(m);
   dpmove::bind_gpu_kernel(m);
+#if DPMOVE_HAVE_XXHASH
+  dpmove::bind_checksum(m);
+#endif
 #if DPMOVE_HAVE_VERBS
   dpmove::bind_verbs(m);
 #endif

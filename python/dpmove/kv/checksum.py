@@ -1,0 +1,50 @@
+"""XXH3-64 checksums of host bytes: natively (``dpmove._core.checksum``, GIL released) when the
+module was built with xxhash.h, else through the ``xxhash`` Python package. Both compute the same
+XXH3_64bits_withSeed values, which the block store keeps on disk."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from .. import _core
+
+__all__ = ["checksum", "provider"]
+
+_native = getattr(_core, "checksum", None)
+
+
+def provider() -> str:
+    """``"native"``, ``"xxhash"`` (the Python package) or ``""`` when neither is available."""
+    if _native is not None:
+        return "native"
+    try:
+        import xxhash  # noqa: F401
+    except ImportError:
+        return ""
+    return "xxhash"
+
+
+def checksum(buf: Any, rows: Optional[np.ndarray] = None, seed: int = 0) -> Any:
+    """XXH3-64 of the whole host buffer (an int), or of each (offset, length) row of an (N, 2)
+    integer array (a uint64 array of N)."""
+    if _native is not None:
+        return _native(buf, rows, seed)
+    try:
+        import xxhash
+    except ImportError:
+        raise RuntimeError("dpmove was built without xxhash.h and the xxhash package is not installed: "
+                           "install libxxhash-dev and rebuild, or pip install xxhash") from None
+    mv = memoryview(buf).cast("B")
+    if rows is None:
+        return xxhash.xxh3_64_intdigest(mv, seed=seed)
+    r = np.asarray(rows, dtype=np.int64)
+    if r.ndim != 2 or r.shape[1] != 2:
+        raise ValueError("checksum: rows must be an integer array of shape (N, 2): offset, length in bytes")
+    out = np.empty(r.shape[0], dtype=np.uint64)
+    for i, (off, n) in enumerate(r):
+        if off < 0 or n < 0 or off + n > len(mv):
+            raise ValueError(f"checksum: row {i} (offset {off}, length {n}) lies outside the {len(mv)}-byte buffer")
+        out[i] = xxhash.xxh3_64_intdigest(mv[off:off + n], seed=seed)
+    return out
