@@ -110,7 +110,7 @@ class Plan:
             err(f"--dirs {args.dirs!r}: choose from {', '.join(DIRECTIONS)}")
         names = str(args.models).strip().lower()
         if names == "default":
-            names = ",".join(n for n in PRESETS if n != "tiny")
+            names = ",".join(n for n in PRESETS if not n.startswith("tiny"))
         self.models: List[Any] = []
         if names not in ("", "none"):
             try:
