@@ -1,5 +1,5 @@
 """Command line: ``dpmove info``, ``dpmove bench ssd``, ``dpmove bench net``, ``dpmove bench qos`` and
-``dpmove bench copy``."""
+``dpmove bench copy`` and ``dpmove bench store``."""
 
 from __future__ import annotations
 
@@ -42,12 +42,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     pb = sub.add_parser("bench", help="microbenchmarks")
     bsub = pb.add_subparsers(dest="bench", required=True)
-    from .bench import copy as bench_copy, net as bench_net, qos as bench_qos, ssd
+    from .bench import copy as bench_copy, net as bench_net, qos as bench_qos, ssd, store as bench_store
+    from .bench import graph as bench_graph
 
     ssd.add_parser(bsub)
     bench_net.add_parser(bsub)
     bench_qos.add_parser(bsub)
     bench_copy.add_parser(bsub)
+    bench_graph.add_parser(bsub)
+    bench_store.add_parser(bsub)
 
     args = p.parse_args(argv)
     try:
