@@ -682,6 +682,58 @@ def test_put_whose_parent_is_dropped_mid_write_fails(open_store, tmp_path: Path,
     assert ix["blocks"] == {} and len(ix["free"]) == sum(ix["segments"].values())
 
 
+def test_doomed_child_released_after_its_parent_is_put_again(open_store, tmp_path: Path, rng) -> None:
+    """Parent K corrupt and dropped while child C is being written (C DOOMED), then K put
+    again: releasing C must not lower the new K's child count (it would go to -1: K never
+    evictable, later an inner node evicted under its child)."""
+    root = tmp_path / "store"
+    a, b = open_store(), open_store()
+    k = a.keys(tokens(rng, 1))
+    put_keys(a, k)
+    c = a.keys(tokens(rng, 1), parent=k[0])
+    real = a._engine.write
+
+    def corrupt_drop_and_put_parent_again(*args, **kw):
+        del a._engine.write  # once (the stores may share an engine: b's put below writes too)
+        seg, slot = seg_path(root, k[0])
+        flip(seg, slot * b.slot_bytes + 10)
+        with pytest.raises(BlockCorrupt):
+            b.get(k)
+        put_keys(b, k)
+        return real(*args, **kw)
+
+    a._engine.write = corrupt_drop_and_put_parent_again
+    with pytest.raises(StoreError, match="dropped while being written"):
+        put_keys(a, c, parent=k[0])
+    ix = check_index(root)  # child counts match
+    assert ix["blocks"][k[0]]["children"] == 0 and c[0] not in ix["blocks"]
+    assert (put_keys(a, c, parent=k[0]) == PUT_STORED).all()
+    assert check_index(root)["blocks"][k[0]]["children"] == 1
+
+
+def test_read_whose_release_fails_never_passes_later(open_store, tmp_path: Path, rng) -> None:
+    """If releasing a read's pins fails (the index cannot be written), result() raises, and
+    raises again when retried: it never turns into success over unverified bytes."""
+    root = tmp_path / "store"
+    st = open_store()
+    k = st.keys(tokens(rng, 1))
+    put_keys(st, k)
+    seg, slot = seg_path(root, k[0])
+    flip(seg, slot * st.slot_bytes + 10)
+    real = st._release_read
+
+    def fails_once(*a, **kw):
+        st._release_read = real
+        raise StoreError("the index: database is locked")
+
+    st._release_read = fails_once
+    buf = st.engine.alloc(st.slot_bytes)
+    r = st.read(k, buf, [0])
+    for _ in range(2):
+        with pytest.raises(StoreError, match="database is locked"):
+            r.result()
+
+
 # --- bad input -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,exc,match", [

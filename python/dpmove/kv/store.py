@@ -321,7 +321,15 @@ class BlockRead:
             raise TimeoutError(f"BlockRead of {len(self.keys)} blocks not finished after {timeout_s} s")
         for r, _ in self._requests:
             r.wait_quiesced(None)
-        self._finished = True
+        try:
+            self._verify()
+        except BaseException as e:  # e.g. the pins could not be released: a retry must not pass
+            self._error = e
+            raise
+        finally:
+            self._finished = True
+
+    def _verify(self) -> None:
         st = self._store
         n = len(self.keys)
         ok = np.zeros(n, dtype=bool)
@@ -992,6 +1000,7 @@ class BlockStore:
         # 2. write data + trailer, then make it durable.
         failed: Dict[int, BaseException] = {}
         bounce = None
+        reqs: List[Tuple[int, List[int], Any]] = []
         try:
             if zero_copy:
                 src, src_offs = region, offs
@@ -1010,7 +1019,6 @@ class BlockStore:
             by_seg: Dict[int, List[int]] = {}
             for i in todo:
                 by_seg.setdefault(placed[i][0], []).append(i)
-            reqs = []
             for seg, idx in by_seg.items():
                 f = self._file(seg)
                 batch = entries(np.array([placed[i][1] for i in idx], dtype=np.int64) * self.slot_bytes,
@@ -1036,6 +1044,11 @@ class BlockStore:
                         for i in by_seg[seg]:
                             failed.setdefault(i, e)
         except BaseException as e:
+            # Before the slots go back to the free list and the bounce buffer is freed, every
+            # write already submitted must have ended.
+            for _seg, _idx, r in reqs:
+                r.cancel()
+                r.wait_quiesced(None)
             for i in todo:
                 failed.setdefault(i, e)
             raise_later: Optional[BaseException] = e
@@ -1052,7 +1065,7 @@ class BlockStore:
                 for i in todo:
                     if ks[i] in failed_keys or ps[i] in failed_keys:
                         failed_keys.add(ks[i])
-                        self._drop_row(db, ks[i], ps[i], *placed[i])
+                        self._release_own(db, ks[i], *placed[i])
                     elif db.execute("UPDATE blocks SET state=1, owner=NULL WHERE key=? AND state=0 AND owner=?",
                                     (ks[i], self.owner)).rowcount == 0:
                         # DOOMED meanwhile: an ancestor was found corrupt and dropped (see
@@ -1060,13 +1073,15 @@ class BlockStore:
                         failed_keys.add(ks[i])
                         failed.setdefault(i, StoreError(f"block {ks[i].hex()} was dropped while being written: "
                                                         "an ancestor failed verification"))
-                        self._drop_row(db, ks[i], ps[i], *placed[i])
-        except StoreError:
+                        self._release_own(db, ks[i], *placed[i])
+        except StoreError as e:
             # The outcome could not be recorded (the index cannot be written: a full
             # filesystem). The rows stay WRITING, owned by this live process, so no reap would
             # ever free them: remember them, the next put or close releases them.
             with self._lock:
                 self._stranded.extend((ks[i], ps[i]) + tuple(placed[i]) for i in todo)
+            if raise_later is not None:
+                raise e from raise_later
             raise
         stored = [i for i in todo if ks[i] not in failed_keys]
         self.counters["puts"] += len(stored)
@@ -1082,20 +1097,29 @@ class BlockStore:
     def _release_stranded(self) -> None:
         """Drops the reservations of this store's puts whose commit failed (still WRITING,
         still ours, still at the slot reserved); kept for later if the index cannot be written."""
-        if not self._stranded:
+        with self._lock:
+            snap = list(self._stranded)
+        if not snap:
             return
         try:
             with self._txn() as db:
-                self._drop_stranded(db)
+                self._drop_stranded(db, snap)
         except StoreError:
             return
-        self._stranded = []
+        with self._lock:  # other threads may have added entries meanwhile: keep those
+            del self._stranded[:len(snap)]
 
-    def _drop_stranded(self, db: sqlite3.Connection) -> None:
-        for key, parent, seg, slot in self._stranded:
-            row = db.execute("SELECT state, owner, seg, slot FROM blocks WHERE key=?", (key,)).fetchone()
-            if row is not None and row[0] != _READY and tuple(row[1:]) == (self.owner, seg, slot):
-                self._drop_row(db, key, parent, seg, slot)
+    def _drop_stranded(self, db: sqlite3.Connection, entries: Optional[list] = None) -> None:
+        for key, _parent, seg, slot in (self._stranded if entries is None else entries):
+            self._release_own(db, key, seg, slot)
+
+    def _release_own(self, db: sqlite3.Connection, key: bytes, seg: int, slot: int) -> None:
+        """Drops this store's unfinished reservation of `key` at (seg, slot), if the index still
+        has it (WRITING, or DOOMED and so detached), lowering the parent's child count only
+        when the row still hangs under it."""
+        row = db.execute("SELECT state, owner, seg, slot, parent FROM blocks WHERE key=?", (key,)).fetchone()
+        if row is not None and row[0] != _READY and tuple(row[1:4]) == (self.owner, seg, slot):
+            self._drop_row(db, key, row[4], seg, slot)
 
     def _allocate(self, db: sqlite3.Connection, n: int, protect: set) -> List[Tuple[int, int]]:
         """n free slots: the free list, then new segment space up to the capacity, then LRU
@@ -1221,7 +1245,9 @@ class BlockStore:
                 # Still being written: its writer owns the slot until it ends, so mark the row
                 # DOOMED rather than free the slot under the write; the writer's commit then
                 # finds it and releases it (or the reaper, if the writer died).
-                db.execute("UPDATE blocks SET state=? WHERE key=?", (_DOOMED, k))
+                # Detached (parent ROOT): the parent row is gone, and a later row of the same key
+                # must not have its child count lowered when this one is released.
+                db.execute("UPDATE blocks SET state=?, parent=? WHERE key=?", (_DOOMED, ROOT, k))
                 continue
             self._drop_row(db, k, row[0], row[1], row[2])
             n += 1
