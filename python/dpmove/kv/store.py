@@ -67,6 +67,7 @@ import numpy as np
 from .. import _core
 from ..engine import Engine, entries
 from .checksum import checksum as _checksum
+from .checksum import provider as _checksum_provider
 from .model import ModelSpec
 
 __all__ = [
@@ -443,6 +444,10 @@ class BlockStore:
             raise ValueError(f"capacity_bytes must be a positive int, got {capacity_bytes!r}")
         if segment_slots is not None and (not isinstance(segment_slots, (int, np.integer)) or segment_slots <= 0):
             raise ValueError(f"segment_slots must be a positive int, got {segment_slots!r}")
+        if not _checksum_provider():
+            raise StoreError("the block store needs XXH3 checksums: this dpmove was built without xxhash.h and the "
+                             "xxhash package is not installed (apt-get install libxxhash-dev and reinstall dpmove, "
+                             "or pip install xxhash)")
         self.root = os.path.abspath(os.fspath(root))
         self.spec = spec
         self.slot_bytes = -(-(spec.full_block_bytes + TRAILER_BYTES) // _ALIGN) * _ALIGN
