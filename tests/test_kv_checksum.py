@@ -34,6 +34,17 @@ def test_rows_match_slices() -> None:
     assert [int(v) for v in got] == [xxhash.xxh3_64_intdigest(a[o:o + n].tobytes(), seed=99) for o, n in rows]
 
 
+def test_one_seed_per_row() -> None:
+    a = np.random.default_rng(8).integers(0, 256, 5_000, dtype=np.uint8)
+    rows = np.array([[0, 100], [100, 4_000], [7, 0]])
+    seeds = np.array([1, 2**64 - 1, 12345], dtype=np.uint64)
+    got = ck.checksum(a, rows, seeds)
+    assert [int(v) for v in got] == [xxhash.xxh3_64_intdigest(a[o:o + n].tobytes(), seed=int(sd))
+                                     for (o, n), sd in zip(rows, seeds)]
+    with pytest.raises(ValueError, match="one seed per row"):
+        ck.checksum(a, rows, seeds[:2])
+
+
 @pytest.mark.parametrize("rows", [[[0, 10_001]], [[-1, 2]], [[10_000, 1]], [[5, -1]]])
 def test_rows_outside_the_buffer_are_refused(rows) -> None:
     a = np.zeros(10_000, dtype=np.uint8)

@@ -93,7 +93,9 @@ TRAILER_BYTES = 64
 _TRAILER_MAGIC = b"DPMVBLK1"
 # magic 8 | key 16 | parent 16 | data_len u32 | flags u32 | data xxh3 u64 | trailer xxh3 u64
 _TRAILER = struct.Struct("<8s16s16sIIQQ")
-assert _TRAILER.size == TRAILER_BYTES
+_TRAILER_DTYPE = np.dtype([("magic", "u1", 8), ("key", "u1", 16), ("parent", "u1", 16), ("len", "<u4"),
+                           ("flags", "<u4"), ("dsum", "<u8"), ("tsum", "<u8")])  # the same layout, for arrays
+assert _TRAILER.size == TRAILER_BYTES == _TRAILER_DTYPE.itemsize
 _ALIGN = 4096
 # Row states: WRITING (slot reserved, data being written), READY (served), DOOMED (dropped while
 # being written; the slot stays reserved until its writer or the reaper releases it).
@@ -185,10 +187,6 @@ def _keys(keys: Iterable[Any], what: str = "keys") -> List[bytes]:
     if isinstance(keys, (bytes, bytearray, memoryview)):
         raise TypeError(f"{what} must be a sequence of {KEY_BYTES}-byte keys, not one bytes object")
     return [_check_key(k, what[:-1] if what.endswith("s") else what) for k in keys]
-
-
-def _seed(key: bytes) -> int:
-    return int.from_bytes(key[:8], "little")
 
 
 def _make_trailer(key: bytes, parent: bytes, data_len: int, data_sum: int) -> bytes:
@@ -337,25 +335,31 @@ class BlockRead:
         io_failed: Dict[int, str] = {}
         for r, idx in self._requests:
             status = r.status
-            for j, bi in enumerate(idx):
-                if status[j] != 0:
-                    io_failed[int(bi)] = _entry_error(int(status[j]))
+            for j in np.flatnonzero(status):
+                io_failed[int(idx[j])] = _entry_error(int(status[j]))
         bad: List[int] = []
-        # Verify the blocks whose I/O succeeded, all their data checksums in one native call.
+        # Verify the blocks whose I/O succeeded as arrays: one native call for the data
+        # checksums (each seeded with its key), one for the trailers' own checksums.
         good = [i for i in range(n) if self._rows[i][0] >= 0 and i not in io_failed]
         if good:
-            offs = self._offsets[good]
-            data_rows = np.stack([offs, np.full(len(good), st.spec.full_block_bytes, dtype=np.int64)], axis=1)
-            sums = _checksum_seeded(self._view, data_rows, [self.keys[i] for i in good])
             fb = st.spec.full_block_bytes
+            g = len(good)
+            offs = self._offsets[good]
+            keys = [self.keys[i] for i in good]
+            sums = _checksum_seeded(self._view, np.stack([offs, np.full(g, fb, dtype=np.int64)], axis=1), keys)
+            raw = self._view[(offs + fb)[:, None] + np.arange(TRAILER_BYTES)]  # (g, 64) copy
+            t = raw.view(_TRAILER_DTYPE).reshape(g)
+            tsums = _checksum(raw, np.stack([np.arange(g, dtype=np.int64) * TRAILER_BYTES,
+                                             np.full(g, TRAILER_BYTES - 8, dtype=np.int64)], axis=1))
+            want_keys = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(g, KEY_BYTES)
+            index_sums = np.array([self._rows[i][2] for i in good], dtype=np.uint64)
+            valid = ((t["magic"] == np.frombuffer(_TRAILER_MAGIC, dtype=np.uint8)).all(axis=1) & (t["tsum"] == tsums)
+                     & (t["key"] == want_keys).all(axis=1) & (t["len"] == fb) & (t["dsum"] == sums) & (index_sums == sums))
             for j, i in enumerate(good):
-                o = int(self._offsets[i]) + fb
-                t = _parse_trailer(self._view[o:o + TRAILER_BYTES])
-                k = self.keys[i]
-                if t is None or t[0] != k or t[2] != fb or t[3] != sums[j] or self._rows[i][2] != sums[j]:
-                    bad.append(i)
-                else:
+                if valid[j]:
                     ok[i] = True
+                else:
+                    bad.append(i)
         short = [i for i, e in io_failed.items() if e == "short"]
         bad.extend(short)  # a slot past the end of its segment file: the file was truncated
         st._release_read(self.keys, bad, self._rows, self._leased)
@@ -395,12 +399,9 @@ def _entry_error(code: int) -> str:
 
 
 def _checksum_seeded(view: np.ndarray, rows: np.ndarray, keys: Sequence[bytes]) -> np.ndarray:
-    """Data checksums, each seeded with its block's key (binds the data to the key)."""
-    out = np.empty(len(keys), dtype=np.uint64)
-    # Group by seed would not batch: every key differs. One native call per block, GIL released.
-    for j, k in enumerate(keys):
-        out[j] = _checksum(view, rows[j:j + 1], _seed(k))[0]
-    return out
+    """Data checksums, each seeded with its block's key (binds the data to the key): one call."""
+    seeds = np.frombuffer(b"".join(k[:8] for k in keys), dtype="<u8")  # key[:8] as little-endian u64
+    return _checksum(view, rows, seeds)
 
 
 # --- the store -------------------------------------------------------------------------------
