@@ -1,0 +1,1 @@
+"""Discrete-event simulator of agentic LLM inference (DualPath): workload, engine, reports."""
