@@ -1,5 +1,5 @@
 """Command line: ``dpmove info``, ``dpmove bench ssd``, ``dpmove bench net``, ``dpmove bench qos`` and
-``dpmove bench copy`` and ``dpmove bench store``."""
+``dpmove bench copy``, ``dpmove bench store``, ``dpmove bench graph`` and ``dpmove sim``."""
 
 from __future__ import annotations
 
@@ -51,6 +51,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bench_copy.add_parser(bsub)
     bench_graph.add_parser(bsub)
     bench_store.add_parser(bsub)
+
+    from .sim import cli as sim_cli
+
+    sim_cli.add_parser(sub)
 
     args = p.parse_args(argv)
     try:
