@@ -29,6 +29,7 @@ from dpmove.scheduler import (
     get_policy,
     pick_decode_engine,
     pick_decode_group,
+    pick_prefill_engine_by_node,
     pick_prefill_engine,
     pick_read_side,
 )
@@ -226,7 +227,7 @@ def test_pick_decode_group_matches_reference(seed: int) -> None:
         g = int(rng.integers(1, 9))
         group_tok = rng.integers(0, int(rng.choice([3, 10**6])), size=g).astype(np.float64)
         group_fits = rng.random(g) < float(rng.choice([0.0, 0.3, 0.8, 1.0]))
-        got = pick_decode_group(group_tok, group_fits)
+        got = pick_decode_group(group_tok, np.where(group_fits, 2.0, 0.0), 1.0)
         assert got == ref_pick_decode_group(group_tok.tolist(), group_fits.tolist())
         assert (got == -1) == (not group_fits.any())
         if got != -1:
@@ -245,7 +246,9 @@ def test_pick_decode_group_matches_reference(seed: int) -> None:
     ],
 )
 def test_pick_decode_group_hand_worked(group_tok, group_fits, want) -> None:
-    assert pick_decode_group(np.array(group_tok, dtype=np.float64), np.array(group_fits)) == want
+    hbm = [2.0 if f else 0.0 for f in group_fits]
+    assert pick_decode_group(np.array(group_tok, dtype=np.float64), np.array(hbm), 1.0) == want
+    assert pick_decode_group(list(group_tok), hbm, 1.0) == want
 
 
 # --------------------------------------------------------------------------------------------
@@ -620,3 +623,27 @@ def test_get_policy_unknown_lists_known(bad: str) -> None:
     assert repr(bad) in msg
     for name in POLICIES:
         assert name in msg
+
+
+# --------------------------------------------------------------------------------------------
+# pick_prefill_engine_by_node: the per-node summary form the simulator uses
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_pick_prefill_engine_by_node_matches_flat(seed: int) -> None:
+    """Same choice as pick_prefill_engine over all engines, given each node's least-loaded
+    engine (lowest index on ties) and whether its read queue is within alpha."""
+    rng = np.random.default_rng(7000 + seed)
+    for _ in range(CASES_PER_SEED):
+        nodes, per = int(rng.integers(1, 6)), int(rng.integers(1, 5))
+        tok = rng.integers(0, int(rng.choice([4, 10**5])), size=nodes * per).astype(np.float64)
+        node = np.repeat(np.arange(nodes), per)
+        read_q = rng.integers(0, 20, size=nodes).astype(np.float64)
+        params = SchedulerParams(alpha_tokens=float(rng.integers(1, 20)),
+                                 beta_tokens=float(rng.choice([2.0, 5e4, 1e6])))
+        blocks = tok.reshape(nodes, per)
+        min_idx = blocks.argmin(axis=1) + np.arange(nodes) * per
+        short = (read_q <= params.alpha_tokens).tolist()
+        got = pick_prefill_engine_by_node(blocks.min(axis=1).tolist(), min_idx.tolist(), short, params)
+        assert got == pick_prefill_engine(tok, node, read_q, params)

@@ -267,7 +267,7 @@ def check_invariants(sim: Simulation, tr: Trace, policy: str, m: ComputeModel = 
     assert max(abs(x) for x in sim.pe_tok) < 1e-6
     np.testing.assert_allclose(sim.de_hbm, m.hbm_kv_bytes, rtol=1e-12)
     np.testing.assert_allclose(sim.de_tok, 0.0, atol=1e-6)
-    assert (sim.pe_seq == 0).all() and (sim.de_seq == 0).all() and not any(sim.de_n)
+    assert (sim.pe_seq == 0).all() and not any(sim.de_seq) and not any(sim.de_n)
     assert (np.abs(sim.dram_used) < 1e-3).all()
     assert not sim.queue and not any(sim.pe_ready) and not any(sim.dram_wait) and not any(sim.pe_busy)
     assert not any(sim.de_heap)

@@ -18,6 +18,7 @@ Units: tokens and bytes; times in seconds.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence, Tuple
 
@@ -102,30 +103,50 @@ def pick_prefill_engine(tok: np.ndarray, node: np.ndarray, read_q: np.ndarray,
     return int(np.argmin(np.where(cand, tok, np.inf)))
 
 
-def pick_prefill_engine_by_node(node_min_tok: np.ndarray, node_min_idx: np.ndarray, read_q: np.ndarray,
-                                params: SchedulerParams) -> int:
-    """pick_prefill_engine for clusters where the read-queue class is per node, from each
-    node's least-loaded PE (`node_min_tok` float64 [N], its engine index `node_min_idx`
-    int64 [N], lowest index on ties; `read_q` [N] of the same nodes). Engine indices must grow
-    with the node index. Same choice as pick_prefill_engine, at O(nodes) instead of O(engines):
-    the minimum over a class of engines is the minimum over its nodes' minima."""
-    ok = node_min_tok <= params.beta_tokens
-    if not ok.any():
+def pick_prefill_engine_by_node(node_min_tok: Sequence[float], node_min_idx: Sequence[int],
+                                node_short: Sequence[bool], params: SchedulerParams) -> int:
+    """pick_prefill_engine from per-node summaries, at O(nodes) instead of O(engines).
+
+    node_min_tok [N]: tokens of each node's least-loaded PE; node_min_idx [N]: its engine
+    index (lowest on ties; indices grow with the node); node_short [N]: whether the node's read
+    queue is at most alpha tokens. The same choice as pick_prefill_engine: the minimum over a
+    class of engines is the minimum over its nodes' minima. A plain loop: node counts are small
+    (tens) and this runs once per placed request."""
+    beta = params.beta_tokens
+    best_short = best_long = -1
+    tok_short = tok_long = math.inf
+    for n, t in enumerate(node_min_tok):
+        if t > beta:
+            continue
+        if node_short[n]:
+            if t < tok_short:
+                tok_short, best_short = t, n
+        elif t < tok_long:
+            tok_long, best_long = t, n
+    n = best_short if best_short >= 0 else best_long
+    return int(node_min_idx[n]) if n >= 0 else -1
+
+
+def pick_decode_group(group_tok: Sequence[float], group_hbm: Sequence[float], req_hbm: float) -> int:
+    """Across DE groups: the group with the least total tokens (`group_tok` [G]; lowest index on
+    ties) among those with a DE that can hold `req_hbm` bytes (`group_hbm` [G]: the most HBM any
+    DE of the group has free); -1 when none can."""
+    tok = group_tok.tolist() if isinstance(group_tok, np.ndarray) else group_tok
+    hbm = group_hbm.tolist() if isinstance(group_hbm, np.ndarray) else group_hbm
+    if not tok:
         return -1
-    short = ok & (read_q <= params.alpha_tokens)
-    cand = short if short.any() else ok
-    return int(node_min_idx[int(np.argmin(np.where(cand, node_min_tok, np.inf)))])
+    # Usually HBM does not bind: the least-loaded group overall is the answer.
+    g = tok.index(min(tok))
+    if hbm[g] >= req_hbm:
+        return g
+    best, best_tok = -1, math.inf
+    for i, (t, h) in enumerate(zip(tok, hbm)):
+        if h >= req_hbm and t < best_tok:
+            best, best_tok = i, t
+    return best
 
 
-def pick_decode_group(group_tok: np.ndarray, group_fits: np.ndarray) -> int:
-    """Across DE groups: the group with the least total tokens among those with a DE that can
-    hold the request (`group_fits`, bool [G]); -1 when none can."""
-    if not group_fits.any():
-        return -1
-    return int(np.argmin(np.where(group_fits, group_tok, np.inf)))
-
-
-def pick_decode_engine(tok: np.ndarray, seq: np.ndarray, hbm_free: np.ndarray,
+def pick_decode_engine(tok: Sequence[float], seq: Sequence[int], hbm_free: Sequence[float],
                        req_tokens: float, req_hbm: float, pending_tokens: float,
                        params: SchedulerParams) -> int:
     """Within one DE group (arrays over its engines): the DE for a request of `req_tokens`
@@ -135,7 +156,7 @@ def pick_decode_engine(tok: np.ndarray, seq: np.ndarray, hbm_free: np.ndarray,
     the requests this fetch can place (R, at least this request). Prefer DEs with enough HBM and
     tok + len <= Z, taking the minimum seq among them; else the minimum tok with enough HBM."""
     # Groups are one node's engines (8 or so): plain loops beat NumPy's per-call overhead.
-    tok_l, seq_l, hbm_l = tok.tolist(), seq.tolist(), hbm_free.tolist()
+    tok_l, seq_l, hbm_l = (x.tolist() if isinstance(x, np.ndarray) else x for x in (tok, seq, hbm_free))
     if not tok_l:
         return -1
     z = params.z_slack * (pending_tokens + sum(tok_l)) / len(tok_l)

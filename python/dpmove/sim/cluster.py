@@ -26,7 +26,9 @@ What is modelled (one engine per GPU, `gpus_per_node` per node):
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
+from itertools import islice
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -149,25 +151,27 @@ class Simulation:
         self.de_node = self.P + np.arange(self.D * g, dtype=np.int64) // g
         self.pe_tok = [0.0] * (self.P * g)
         # Per PE node: its least-loaded engine's tokens and index (see pick_prefill_engine_by_node).
-        self.node_min_tok = np.zeros(self.P)
-        self.node_min_idx = np.arange(self.P, dtype=np.int64) * g
+        self.node_min_tok = [0.0] * self.P
+        self.node_min_idx = [n * g for n in range(self.P)]
         self.pe_seq = np.zeros(self.P * g, dtype=np.int64)
-        self.de_tok = np.zeros(self.D * g)
-        self.de_seq = np.zeros(self.D * g, dtype=np.int64)
-        self.de_hbm = np.full(self.D * g, float(m.hbm_kv_bytes))
+        # DE load reports as lists: a group's slice goes to pick_decode_engine as it is.
+        self.de_tok = [0.0] * (self.D * g)
+        self.de_seq = [0] * (self.D * g)
+        self.de_hbm = [float(m.hbm_kv_bytes)] * (self.D * g)
         # Per DE group (node): total tokens and the most free HBM of any of its engines.
-        self.group_tok = np.zeros(self.D)
-        self.group_hbm = np.full(self.D, float(m.hbm_kv_bytes))
+        self.group_tok = [0.0] * self.D
+        self.group_hbm = [float(m.hbm_kv_bytes)] * self.D
         self.blocked = 0
         self.pe_rr = sched.RoundRobin(self.P * g)
         self.de_rr = sched.RoundRobin(self.D * g)
         self.side_rr = 0
         # Storage NIC and DRAM per node.
-        self.read_free = np.zeros(nodes)            # time the read server drains its FIFO
-        self.write_free = np.zeros(nodes)
+        self.read_free = [0.0] * nodes              # time the read server drains its FIFO
+        self.write_free = [0.0] * nodes
         self.dram_used = np.zeros(nodes)
         self.dram_wait: List[deque] = [deque() for _ in range(nodes)]
-        self.wait_tok = np.zeros(nodes)             # tokens of reads waiting for DRAM
+        self.wait_tok = [0.0] * nodes               # tokens of reads waiting for DRAM
+        self.short_at = [-math.inf] * nodes         # from when read_q <= alpha (_short_changed)
         self.read_bytes = np.zeros(nodes)
         # Engines.
         self.pe_ready: List[deque] = [deque() for _ in range(self.P * g)]
@@ -181,6 +185,7 @@ class Simulation:
         self.de_n = [0] * ne
         self.de_ctx = [0.0] * ne
         self.de_ver = [0] * ne
+        self.de_next = [math.inf] * ne  # time of the DE's pending valid tick
         self.de_since = [0.0] * ne
         # Timeline.
         self.snic_busy = _Busy(nodes, cfg.bin_s)
@@ -265,9 +270,16 @@ class Simulation:
         if was_empty:
             self._schedule(_ARRIVAL)
 
-    def _read_q(self) -> np.ndarray:
-        """Tokens not yet read per node: the FIFO backlog plus reads waiting for DRAM."""
-        return np.maximum(self.read_free - self.now, 0.0) * self.read_bw_tok + self.wait_tok
+    def _short_changed(self, node: int) -> None:
+        """Recompute when `node`'s read queue falls to alpha tokens (it drains at the NIC's
+        rate): read_q(t) = max(read_free - t, 0) * bw + wait_tok <= alpha from short_at on."""
+        slack = self.params.alpha_tokens - self.wait_tok[node]
+        self.short_at[node] = self.read_free[node] - slack / self.read_bw_tok if slack >= 0 else math.inf
+
+    def _read_q(self, node: int) -> float:
+        """Tokens not yet read by `node`'s storage NIC: its FIFO backlog plus reads waiting
+        for DRAM."""
+        return max(self.read_free[node] - self.now, 0.0) * self.read_bw_tok + self.wait_tok[node]
 
     def _schedule(self, freed: int) -> None:
         """Place queued requests in FIFO order until the head cannot be placed. `freed` says
@@ -281,8 +293,9 @@ class Simulation:
         while q:
             r = q[0]
             if pol.scheduler:
-                read_q = self._read_q()
-                pe = sched.pick_prefill_engine_by_node(self.node_min_tok, self.node_min_idx, read_q[:self.P], p)
+                now = self.now
+                short = [now >= t for t in self.short_at[:self.P]]
+                pe = sched.pick_prefill_engine_by_node(self.node_min_tok, self.node_min_idx, short, p)
             else:
                 beta = p.beta_tokens
                 pe = self.pe_rr.pick(np.fromiter((t <= beta for t in self.pe_tok), bool, len(self.pe_tok)))
@@ -290,7 +303,7 @@ class Simulation:
                 self.blocked = _PE_FREED
                 return
             if pol.scheduler:
-                grp = sched.pick_decode_group(self.group_tok, self.group_hbm >= r.hbm)
+                grp = sched.pick_decode_group(self.group_tok, self.group_hbm, r.hbm)
                 de = -1
                 if grp >= 0:
                     s = slice(grp * g, (grp + 1) * g)
@@ -298,7 +311,8 @@ class Simulation:
                                                   r.final, p)
                     de = grp * g + de
             else:
-                de = self.de_rr.pick(self.de_hbm >= r.hbm)
+                need = r.hbm
+                de = self.de_rr.pick(np.fromiter((h >= need for h in self.de_hbm), bool, len(self.de_hbm)))
             if de < 0:
                 self.blocked = _DE_FREED
                 return
@@ -306,7 +320,7 @@ class Simulation:
             if not pol.dual_path:
                 side = sched.READ_PE
             elif pol.scheduler:
-                side = sched.pick_read_side(read_q[self.pe_node[pe]], read_q[self.de_node[de]])
+                side = sched.pick_read_side(self._read_q(pe // g), self._read_q(self.P + de // g))
             else:
                 side = self.side_rr
                 self.side_rr ^= 1
@@ -336,18 +350,19 @@ class Simulation:
     def _de_changed(self, de: int, d_tok: float) -> None:
         grp = de // self.g
         self.group_tok[grp] += d_tok
-        self.group_hbm[grp] = self.de_hbm[grp * self.g:(grp + 1) * self.g].max()
+        self.group_hbm[grp] = max(self.de_hbm[grp * self.g:(grp + 1) * self.g])
 
     # ---- storage reads -------------------------------------------------------------------
     def _read(self, r: _Req) -> None:
         if r.hit == 0 or self.pol.free_io:
             self._ready(r)
             return
-        node = int(self.pe_node[r.pe]) if r.side == sched.READ_PE else int(self.de_node[r.de])
+        node = r.pe // self.g if r.side == sched.READ_PE else self.P + r.de // self.g
         w = self.dram_wait[node]
         if w or (self.dram_used[node] + r.hit_bytes > self.cfg.cluster.dram_bytes and self.dram_used[node] > 0):
             w.append(r)
             self.wait_tok[node] += r.hit
+            self._short_changed(node)
             return
         self._start_read(node, r)
 
@@ -356,6 +371,7 @@ class Simulation:
         t0 = max(self.now, self.read_free[node])
         t1 = t0 + r.hit_bytes / self.cfg.cluster.snic_read_Bps
         self.read_free[node] = t1
+        self._short_changed(node)
         self.read_bytes[node] += r.hit_bytes
         self.snic_busy.add(node, t0, t1)
         self.at(t1, self._sync_read_done if r.sync else self._ready, r)
@@ -381,7 +397,8 @@ class Simulation:
         m, pol = self.m, self.pol
         items = []  # (req, new tokens computed in this batch)
         if pol.scheduler:
-            head = [ready[i] for i in range(min(len(ready), 64))]
+            # The quota admits a few requests per batch; 32 candidates is always enough.
+            head = list(islice(ready, 32))
             n_whole, chunk = sched.build_prefill_batch([x.left for x in head], [x.ctx for x in head],
                                                        m.attention_s, self.params.quota_s)
             items = [(head[i], head[i].left) for i in range(n_whole)]
@@ -431,7 +448,7 @@ class Simulation:
         # the read lands (holding it until the whole batch has loaded could deadlock a batch
         # whose loads do not fit in DRAM together).
         r.sync = False
-        self._release_dram(int(self.pe_node[r.pe]), r.hit_bytes)
+        self._release_dram(r.pe // self.g, r.hit_bytes)
         w = self.pe_wait[r.pe]
         w[0] -= 1
         if w[0] == 0:
@@ -454,7 +471,7 @@ class Simulation:
             x.t_first = now
             self.t_first[x.row] = now
             if x.side == sched.READ_PE and x.hit and self.pol.layerwise and not self.pol.free_io:
-                self._release_dram(int(self.pe_node[pe]), x.hit_bytes)
+                self._release_dram(pe // self.g, x.hit_bytes)
             # DE host buffer -> DE HBM at decode start (the PD transfer itself streamed under
             # the batch above).
             delay = 0.0 if self.pol.free_io else m.kv_bytes(x.ctx) / self.B
@@ -476,16 +493,24 @@ class Simulation:
         n = self.de_n[de]
         st = self.m.decode_step_s(n, self.de_ctx[de])
         self.de_step_s[de] = st
-        self.de_ver[de] += 1
         h = self.de_heap[de]
-        if h:
-            t = self.now + max(h[0][0] - self.de_steps[de], 0.0) * st
-            self.at(t, self._decode_tick, (de, self.de_ver[de]))
+        if not h:
+            self.de_ver[de] += 1        # drops the pending tick, if any
+            self.de_next[de] = math.inf
+            return
+        t = self.now + max(h[0][0] - self.de_steps[de], 0.0) * st
+        # A tick already pending no later than t stays: it re-evaluates when it fires. This
+        # keeps one heap entry per DE while sequences join (each join only delays completions).
+        if self.de_next[de] <= t:
+            return
+        self.de_ver[de] += 1
+        self.de_next[de] = t
+        self.at(t, self._decode_tick, (de, self.de_ver[de]))
 
     def _decode_start(self, r: _Req) -> None:
         de = r.de
         if r.side == sched.READ_DE and r.hit and not self.pol.free_io:
-            self._release_dram(int(self.de_node[de]), r.hit_bytes)
+            self._release_dram(self.P + de // self.g, r.hit_bytes)
         self._advance(de)
         if self.de_n[de] == 0:
             self.de_since[de] = self.now
@@ -501,6 +526,7 @@ class Simulation:
         de, ver = arg
         if ver != self.de_ver[de]:
             return
+        self.de_next[de] = math.inf
         self._advance(de)
         h, done = self.de_heap[de], []
         while h and h[0][0] <= self.de_steps[de] + 1e-9:
@@ -528,7 +554,7 @@ class Simulation:
         new_blocks = m.stored_tokens(r.final) - r.hit
         t = self.now
         if new_blocks > 0 and not self.pol.free_io:
-            node = int(self.de_node[r.de])
+            node = self.P + r.de // self.g
             t0 = max(t, self.write_free[node])
             t = t0 + m.kv_bytes(new_blocks) / self.cfg.cluster.snic_write_Bps
             self.write_free[node] = t
