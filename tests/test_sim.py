@@ -498,7 +498,8 @@ def test_max_rate_returns_a_rate_that_met_the_slo() -> None:
     out = ex.max_rate("dualpath", lo=0.01, hi=0.5, iters=3, p_nodes=1, d_nodes=1, duration_s=200.0,
                       warmup_s=50.0, dataset="32k", seed=2)
     pts = out["points"]
-    assert len(pts) == 4
+    assert len(pts) >= 5  # lo, hi (doubled until it misses), then 3 bisection steps
+    assert not pts[-4]["slo_ok"]  # the last upper bound tried before bisecting missed
     assert out["rate_aps"] > 0
     met = [p for p in pts if p["rate_aps"] == out["rate_aps"]]
     assert met and all(p["slo_ok"] for p in met)

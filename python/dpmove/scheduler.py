@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Iterable, Sequence, Tuple
 
 import numpy as np
 
@@ -198,17 +198,20 @@ class RoundRobin:
         return i
 
 
-def build_prefill_batch(new: Sequence[int], ctx: Sequence[int], attention_s: Callable[[float, float], float],
+def build_prefill_batch(new: Iterable[int], ctx: Iterable[int], attention_s: Callable[[float, float], float],
                         quota_s: float) -> Tuple[int, int]:
     """FIFO batch under the attention-time quota.
 
-    new[i], ctx[i]: new and cached tokens of the i-th ready request in FIFO order. Returns
+    new[i], ctx[i]: new and cached tokens of the i-th ready request in FIFO order (any
+    iterables; read only as far as the batch reaches, so a queue can be passed lazily). Returns
     (n_whole, chunk): the first n_whole requests go whole; then, when chunk > 0, the next
     request contributes only its first `chunk` new tokens (the largest count that keeps the
     batch within quota, found by binary search). A batch always makes progress: when even
     one token of the head request overflows, that token goes alone."""
     used = 0.0
+    count = 0
     for i, (n, c) in enumerate(zip(new, ctx)):
+        count = i + 1
         t = attention_s(n, c)
         if used + t <= quota_s:
             used += t
@@ -223,4 +226,4 @@ def build_prefill_batch(new: Sequence[int], ctx: Sequence[int], attention_s: Cal
         if i == 0 and lo == 0:
             return 0, 1
         return i, lo
-    return len(new), 0
+    return count, 0

@@ -397,13 +397,11 @@ class Simulation:
         m, pol = self.m, self.pol
         items = []  # (req, new tokens computed in this batch)
         if pol.scheduler:
-            # The quota admits a few requests per batch; 32 candidates is always enough.
-            head = list(islice(ready, 32))
-            n_whole, chunk = sched.build_prefill_batch([x.left for x in head], [x.ctx for x in head],
+            n_whole, chunk = sched.build_prefill_batch((x.left for x in ready), (x.ctx for x in ready),
                                                        m.attention_s, self.params.quota_s)
-            items = [(head[i], head[i].left) for i in range(n_whole)]
+            items = [(x, x.left) for x in islice(ready, n_whole)]
             if chunk:
-                items.append((head[n_whole], chunk))
+                items.append((ready[n_whole], chunk))
         else:
             budget, hbm = self.cfg.basic_batch_tokens, m.hbm_kv_bytes
             toks, kv = 0, 0.0
