@@ -647,3 +647,15 @@ def test_pick_prefill_engine_by_node_matches_flat(seed: int) -> None:
         short = (read_q <= params.alpha_tokens).tolist()
         got = pick_prefill_engine_by_node(blocks.min(axis=1).tolist(), min_idx.tolist(), short, params)
         assert got == pick_prefill_engine(tok, node, read_q, params)
+
+
+def test_round_robin_uncommitted_pick_keeps_the_turn() -> None:
+    """A placement that fails after the PE was chosen must not pass the turn on."""
+    rr = RoundRobin(3)
+    ok = np.array([True, True, True])
+    assert rr.pick(ok, commit=False) == 0
+    assert rr.pick(ok, commit=False) == 0
+    rr.commit(0)
+    assert rr.pick(ok) == 1
+    assert rr.pick(ok) == 2
+    assert rr.pick(ok) == 0

@@ -678,3 +678,32 @@ def test_validate_toy() -> None:
     assert "online" not in rep and rep["calibration"]
     assert len(logs) >= len(rows)
     json.dumps(rep)
+
+
+def test_dual_path_without_layerwise_is_refused() -> None:
+    """DE-read streams Layer Blocks to the PE; the load-then-compute path reads on the PE node
+    only, so the combination would account DRAM on the wrong node."""
+    pol = sched.Policy("x", layerwise=False, dual_path=True, scheduler=True)
+    cfg = SimConfig(cluster=ClusterSpec(p_nodes=1, d_nodes=1), model=get_compute_model("ds-660b"), policy=pol)
+    with pytest.raises(ValueError, match="layerwise"):
+        Simulation(cfg, generate("64k", 2, seed=0))
+
+
+def test_max_rate_bad_bounds() -> None:
+    with pytest.raises(ValueError, match="lo < hi"):
+        ex.max_rate("dualpath", lo=0.5, hi=0.1)
+
+
+def test_online_replays_a_trace_file(tmp_path, capsys) -> None:
+    """`sim online --trace F`: arriving agents follow the file's trajectories, tiled."""
+    from dpmove.sim.trace import save_jsonl
+
+    tr = Trace(offsets=[0, 2], append=[640, 64], generated=[8, 8])
+    f = tmp_path / "two.jsonl"
+    save_jsonl(tr, f)
+    rc = cli.main(["sim", "online", "--trace", str(f), "--rate", "0.1", "--duration", "100", "--warmup", "10",
+                   "--policies", "dualpath", "--json", "--no-progress", "--jobs", "1"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)["online"]["points"][0]
+    assert res["dataset"] == "two.jsonl"
+    assert res["turns"] == 2 * res["agents"]  # every arriving agent has the file's two turns

@@ -153,7 +153,8 @@ def pick_decode_engine(tok: Sequence[float], seq: Sequence[int], hbm_free: Seque
     context tokens needing `req_hbm` bytes of HBM, or -1 when no DE has the HBM.
 
     Z = z_slack x (pending_tokens + sum tok) / |E|, where pending_tokens is the sum of len over
-    the requests this fetch can place (R, at least this request). Prefer DEs with enough HBM and
+    the requests this fetch can place (R, at least this request; the simulator places requests
+    one at a time and passes this request's len alone). Prefer DEs with enough HBM and
     tok + len <= Z, taking the minimum seq among them; else the minimum tok with enough HBM."""
     # Groups are one node's engines (8 or so): plain loops beat NumPy's per-call overhead.
     tok_l, seq_l, hbm_l = (x.tolist() if isinstance(x, np.ndarray) else x for x in (tok, seq, hbm_free))
@@ -185,8 +186,10 @@ class RoundRobin:
         self.n = n
         self.next = 0
 
-    def pick(self, ok: np.ndarray) -> int:
-        """Index of the next True in `ok` (bool [n]) at or after the cursor, or -1."""
+    def pick(self, ok: np.ndarray, commit: bool = True) -> int:
+        """Index of the next True in `ok` (bool [n]) at or after the cursor, or -1. With
+        commit=False the cursor stays (a placement that may still fail elsewhere); call
+        commit(i) once it holds."""
         if len(ok) != self.n:
             raise ValueError(f"expected {self.n} flags, got {len(ok)}")
         order = np.concatenate([ok[self.next:], ok[:self.next]])
@@ -194,8 +197,13 @@ class RoundRobin:
         if hit.size == 0:
             return -1
         i = (self.next + int(hit[0])) % self.n
-        self.next = (i + 1) % self.n
+        if commit:
+            self.commit(i)
         return i
+
+    def commit(self, i: int) -> None:
+        """Candidate i was taken: the turn passes to the one after it."""
+        self.next = (i + 1) % self.n
 
 
 def build_prefill_batch(new: Iterable[int], ctx: Iterable[int], attention_s: Callable[[float, float], float],

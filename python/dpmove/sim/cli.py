@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from typing import List, Tuple
@@ -49,10 +50,14 @@ def _positive(kind):
 def _common(p: argparse.ArgumentParser, policies: str, model: str = "ds-660b") -> None:
     p.add_argument("--model", default=model, help=f"ds-660b, ds-27b or qwen2.5-32b (default {model})")
     p.add_argument("--dataset", default="64k", choices=("32k", "48k", "64k"), help="Table 2 dataset (default 64k)")
-    p.add_argument("--trace", metavar="JSONL", help="replay this trace file instead of generating one")
+    p.add_argument("--trace", metavar="JSONL",
+                   help="replay this trace file instead of generating one (online: arriving agent i follows "
+                        "trajectory i, the file tiled as needed)")
     p.add_argument("--policies", type=_policies, default=_policies(policies),
                    help=f"comma list of {', '.join(POLICIES)} (default {policies})")
     p.add_argument("--seed", type=int, default=0, help="trace and arrival seed (default 0)")
+    p.add_argument("--dram-gb", type=_positive(float), default=None,
+                   help="host DRAM per node, GB (default: the model's deployment, 80 DeepSeek / 320 Qwen)")
     p.add_argument("--jobs", type=_positive(int), default=None, help="parallel simulations (default: CPUs)")
     p.add_argument("--out", metavar="DIR", help="write report.md, report.json and plots here")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of text")
@@ -119,6 +124,20 @@ def _load_trace(args, default_agents: int):
     return generate(args.dataset, args.agents or default_agents, seed=args.seed)
 
 
+def _cluster_kw(args) -> dict:
+    """run_* keyword arguments common to every subcommand: the cluster (when --dram-gb is
+    given) and the dataset label (the trace file's name when one is replayed)."""
+    from .hardware import ClusterSpec, get_compute_model
+
+    kw = {"dataset": args.dataset}
+    if args.trace:
+        kw["dataset"] = os.path.basename(args.trace)
+    if args.dram_gb is not None:
+        get_compute_model(args.model)  # a bad --model fails here with the list of known ones
+        kw["cluster"] = ClusterSpec(dram_bytes=args.dram_gb * 1e9)
+    return kw
+
+
 def _emit(args, report: dict) -> int:
     from .report import render_text, write_report
 
@@ -139,8 +158,8 @@ def _offline(args) -> int:
 
     tr = _load_trace(args, 1024)
     p, d = args.pd
-    jobs = [(run_offline, dict(model=args.model, p_nodes=p, d_nodes=d, policy=pol, dataset=args.dataset,
-                               seed=args.seed, trace=tr, agents=tr.num_agents,
+    jobs = [(run_offline, dict(model=args.model, p_nodes=p, d_nodes=d, policy=pol, seed=args.seed, trace=tr,
+                               agents=tr.num_agents, **_cluster_kw(args),
                                progress=not args.no_progress and len(args.policies) == 1))
             for pol in args.policies]
     res = run_many(jobs, args.jobs, progress=not args.no_progress)
@@ -151,8 +170,12 @@ def _online(args) -> int:
     from .experiments import SLO_TPOT_S, SLO_TTFT_S, _max_rate_job, meets_slo, run_many, run_online
 
     p, d = args.pd
-    kw = dict(model=args.model, p_nodes=p, d_nodes=d, dataset=args.dataset, seed=args.seed,
-              duration_s=args.duration, warmup_s=args.warmup)
+    kw = dict(model=args.model, p_nodes=p, d_nodes=d, seed=args.seed, duration_s=args.duration,
+              warmup_s=args.warmup, **_cluster_kw(args))
+    if args.trace:
+        from .trace import load_jsonl
+
+        kw["trace"] = load_jsonl(args.trace)
     slo = {"ttft_s": SLO_TTFT_S, "tpot_s": SLO_TPOT_S, "percentile": "mean"}
     if args.search:
         outs = run_many([(_max_rate_job, dict(policy=pol, **kw)) for pol in args.policies], args.jobs,
@@ -171,8 +194,8 @@ def _sweep(args) -> int:
     from .experiments import run_many, run_offline
 
     tr = _load_trace(args, 512)
-    jobs = [(run_offline, dict(model=args.model, p_nodes=p, d_nodes=d, policy=pol, dataset=args.dataset, seed=args.seed,
-                               trace=tr, agents=tr.num_agents))
+    jobs = [(run_offline, dict(model=args.model, p_nodes=p, d_nodes=d, policy=pol, seed=args.seed, trace=tr,
+                               agents=tr.num_agents, **_cluster_kw(args)))
             for p, d in args.pd for pol in args.policies]
     return _emit(args, {"pd_sweep": run_many(jobs, args.jobs, progress=not args.no_progress)})
 

@@ -7,20 +7,28 @@ What is modelled (one engine per GPU, `gpus_per_node` per node):
 
 - Storage NIC per node: a FIFO read server (``snic_read_Bps``) and a FIFO write server
   (``snic_write_Bps``; full duplex). A read reserves host DRAM on its node before it starts
-  (``dram_bytes``; reads wait FIFO for room). Only whole Full Blocks are stored and read; the
-  tail of a context that does not fill a block is recomputed.
-- PE-read: storage -> PE host DRAM; the KV stays there until the PE's last batch on that
-  request ends. DE-read: storage -> DE host DRAM; it stays until decode starts (DUALPATH.md
-  section 3: the hit KV waits in the DE buffer and the new KV joins it).
+  (``dram_bytes``; reads wait FIFO for room, except that a read starts on an empty DRAM even
+  when it is larger). Only whole Full Blocks are stored and read; the tail of a context that
+  does not fill a block is recomputed.
+- PE-read with layerwise prefill: storage -> PE host DRAM; the KV stays there until the PE's
+  last batch on that request ends. Without layerwise prefill (Basic) the batch's reads are
+  issued when the batch forms and each read's DRAM is free once it lands (the KV goes to HBM
+  whole). DE-read: storage -> DE host DRAM; it stays until decode starts (DUALPATH.md section
+  3: the hit KV waits in the DE buffer and the new KV joins it). The KV the PE sends to the DE
+  buffer is not counted against DE DRAM: decode starts as soon as it lands.
 - PE batch time: layerwise, max(compute, bytes in / B, bytes out / B) + one layer's compute
   (the pipeline fill); otherwise bytes in / B + compute + bytes out / B (load, compute, send
-  in turn) with the batch's whole KV fitting in HBM. B is the GPU's compute NIC.
+  in turn) with the batch's whole KV fitting in HBM. B is the GPU's compute NIC. Batches are
+  built by ``scheduler.build_prefill_batch`` (the 300 ms quota, chunking) under the
+  scheduler; otherwise FIFO up to ``basic_batch_tokens`` new tokens, whole requests only.
 - Decode: each DE steps its batch continuously; the step time follows the batch size and its
-  context and is re-evaluated whenever a sequence joins or leaves. A DE reserves HBM for the
-  request's final KV when it is assigned.
+  context (a sequence counts its context plus half its generated tokens) and is re-evaluated
+  whenever a sequence joins or leaves. A DE reserves HBM for the request's final KV (context,
+  new and generated tokens) when it is assigned.
 - Persistence: after decode, the turn's new whole blocks are written through the DE node's
   storage NIC; the agent's next turn arrives when that write ends plus the think time.
-- Oracle moves every byte in zero time (reads, host<->GPU and PD transfers).
+- Oracle moves every byte in zero time (storage reads and writes, host<->GPU and PD
+  transfers).
 """
 
 from __future__ import annotations
@@ -50,8 +58,8 @@ class SimConfig:
     cluster: ClusterSpec
     model: ComputeModel
     policy: sched.Policy
-    # Batching without the section-6 quota: FIFO up to this many new tokens (a common chunked
-    # prefill size, e.g. SGLang's default 8192).
+    # Batching without the section-6 quota: FIFO up to this many new tokens, whole requests
+    # (the size of a common chunked-prefill budget, e.g. SGLang's default 8192).
     basic_batch_tokens: int = 8192
     bin_s: float = 10.0            # utilisation timeline resolution
     alpha_s: float = 3.0           # alpha = tokens a storage NIC reads in this many seconds
@@ -133,6 +141,9 @@ class Simulation:
         c, m, pol = cfg.cluster, cfg.model, cfg.policy
         self.cfg, self.trace, self.progress = cfg, trace, progress
         self.m, self.pol = m, pol
+        if pol.dual_path and not pol.layerwise and not pol.free_io:
+            raise ValueError(f"policy {pol.name!r}: dual-path loading needs layerwise prefill here (the DE-read "
+                             "path streams Layer Blocks to the PE); set layerwise=True")
         g = c.gpus_per_node
         self.P, self.D, self.g = c.p_nodes, c.d_nodes, g
         nodes = self.P + self.D
@@ -146,9 +157,7 @@ class Simulation:
         self.bpt = float(m.bytes_per_token)
         self.B = c.cnic_Bps
         self.read_bw_tok = c.snic_read_Bps / self.bpt          # tokens per second
-        # Engine e of kind X lives on node e // g; DE node indices follow the PE nodes.
-        self.pe_node = np.arange(self.P * g, dtype=np.int64) // g
-        self.de_node = self.P + np.arange(self.D * g, dtype=np.int64) // g
+        # Nodes: PE engine e is on node e // g, DE engine e on node P + e // g.
         self.pe_tok = [0.0] * (self.P * g)
         # Per PE node: its least-loaded engine's tokens and index (see pick_prefill_engine_by_node).
         self.node_min_tok = [0.0] * self.P
@@ -298,7 +307,8 @@ class Simulation:
                 pe = sched.pick_prefill_engine_by_node(self.node_min_tok, self.node_min_idx, short, p)
             else:
                 beta = p.beta_tokens
-                pe = self.pe_rr.pick(np.fromiter((t <= beta for t in self.pe_tok), bool, len(self.pe_tok)))
+                pe = self.pe_rr.pick(np.fromiter((t <= beta for t in self.pe_tok), bool, len(self.pe_tok)),
+                                     commit=False)  # the turn passes only if a DE is found too
             if pe < 0:
                 self.blocked = _PE_FREED
                 return
@@ -309,7 +319,7 @@ class Simulation:
                     s = slice(grp * g, (grp + 1) * g)
                     de = sched.pick_decode_engine(self.de_tok[s], self.de_seq[s], self.de_hbm[s], r.final, r.hbm,
                                                   r.final, p)
-                    de = grp * g + de
+                    de = grp * g + de if de >= 0 else -1
             else:
                 need = r.hbm
                 de = self.de_rr.pick(np.fromiter((h >= need for h in self.de_hbm), bool, len(self.de_hbm)))
@@ -317,6 +327,8 @@ class Simulation:
                 self.blocked = _DE_FREED
                 return
             q.popleft()
+            if not pol.scheduler:
+                self.pe_rr.commit(pe)
             if not pol.dual_path:
                 side = sched.READ_PE
             elif pol.scheduler:

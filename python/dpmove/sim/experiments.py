@@ -122,7 +122,7 @@ def run_offline(model: str = "ds-660b", p_nodes: int = 2, d_nodes: int = 4, poli
                 cluster: Optional[ClusterSpec] = None, progress: bool = False, bin_s: float = 10.0) -> dict:
     """All agents start at t=0; JCT is when the last turn of the last agent ends."""
     cm = get_compute_model(model)
-    cl = (cluster or ClusterSpec()).with_nodes(p_nodes, d_nodes)
+    cl = (cluster or ClusterSpec(dram_bytes=cm.host_dram_bytes)).with_nodes(p_nodes, d_nodes)
     tr = trace if trace is not None else generate(dataset, agents, seed=seed)
     cfg = SimConfig(cluster=cl, model=cm, policy=sched.get_policy(policy), bin_s=bin_s)
     cb, close = _progress_bar(tr.num_turns, f"{policy} {p_nodes}P{d_nodes}D", progress)
@@ -137,7 +137,7 @@ def run_offline(model: str = "ds-660b", p_nodes: int = 2, d_nodes: int = 4, poli
 def run_online(model: str = "ds-660b", p_nodes: int = 2, d_nodes: int = 4, policy: str = "dualpath",
                rate_aps: float = 0.2, duration_s: float = 7200.0, warmup_s: float = 2400.0,
                dataset: str = "64k", seed: int = 0, cluster: Optional[ClusterSpec] = None,
-               progress: bool = False, bin_s: float = 10.0) -> dict:
+               progress: bool = False, bin_s: float = 10.0, trace: Optional[Trace] = None) -> dict:
     """Agents arrive as a Poisson process of `rate_aps` for `duration_s`; latencies count the
     turns that arrive in [warmup_s, duration_s) (steady state, before arrivals stop)."""
     if not rate_aps > 0:
@@ -148,11 +148,12 @@ def run_online(model: str = "ds-660b", p_nodes: int = 2, d_nodes: int = 4, polic
     gaps = rng.exponential(1.0 / rate_aps, size=int(rate_aps * duration_s * 1.5) + 16)
     starts = np.cumsum(gaps)
     starts = starts[starts < duration_s]
-    tr = generate(dataset, max(1, len(starts)), seed=seed)
     if len(starts) == 0:
         starts = np.zeros(1)
+    # Arriving agent i follows trajectory i of the trace (a trace file is tiled or cut to fit).
+    tr = generate(dataset, len(starts), seed=seed) if trace is None else trace.tile(len(starts))
     cm = get_compute_model(model)
-    cl = (cluster or ClusterSpec()).with_nodes(p_nodes, d_nodes)
+    cl = (cluster or ClusterSpec(dram_bytes=cm.host_dram_bytes)).with_nodes(p_nodes, d_nodes)
     cfg = SimConfig(cluster=cl, model=cm, policy=sched.get_policy(policy), bin_s=bin_s)
     cb, close = _progress_bar(tr.num_turns, f"{policy} {rate_aps:.3g} agents/s", progress)
     t0 = time.perf_counter()
@@ -193,6 +194,10 @@ def run_many(jobs: Sequence[tuple], workers: Optional[int] = None, progress: boo
                 done += 1
                 if bar:
                     bar(done)
+        except BaseException:
+            for f in futs:  # fail now, not after every other job has run
+                f.cancel()
+            raise
         finally:
             close()
     return out  # type: ignore[return-value]
@@ -216,6 +221,8 @@ def max_rate(policy: str, lo: float = 0.02, hi: float = 1.0, iters: int = 7, sta
     """Highest arrival rate (agents/s) meeting the SLO (TTFT <= 4 s and TPOT <= 50 ms on
     `stat`, see meets_slo), by bisection on a log scale between lo and hi (hi doubled until it
     misses). Returns {"rate_aps": 0 when even lo misses, "points": every run}."""
+    if not 0 < lo < hi:
+        raise ValueError(f"max_rate needs 0 < lo < hi agents/s, got lo={lo}, hi={hi}")
     points: List[dict] = []
 
     def ok(rate: float) -> bool:

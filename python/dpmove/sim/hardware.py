@@ -31,7 +31,7 @@ GB = 1e9
 # V3/R1 inference statistics (Open-Source Week day 6, Feb 2025): 73.7K input tokens/s per H800
 # node in prefill with a 56.3 % cache hit rate -> 32.2K computed tokens/s per node = 4.0K per GPU;
 # at ~80 GFLOP per token (2 x 37B active + short-context attention) that is ~320 TFLOP/s (32 %
-# of the fp8 peak of 989 TFLOP/s dense bf16 x 2).
+# of the 989 TFLOP/s dense bf16 peak, 16 % of the fp8 peak).
 HOPPER_PREFILL_FLOPS = 320e12
 
 # Cache-compute ratio of DeepSeek-V3.2 at 32.7K context and 429 appended tokens: ~22 GB per
@@ -60,6 +60,7 @@ class ComputeModel:
     step_per_seq_s: float         # decode step cost per sequence in the batch
     step_per_ctx_token_s: float   # decode step cost per cached token of the batch (indexer scan)
     hbm_kv_bytes: float           # HBM left for KV on one GPU after weights and activations
+    host_dram_bytes: float = 80e9  # host buffer per node of this deployment (paper sec. 8)
     sources: Tuple[Tuple[str, str], ...] = ()
 
     @property
@@ -156,11 +157,13 @@ def _qwen32b() -> ComputeModel:
         token_flops=2 * 32.8e9, attn_token_flops=0.0, pair_flops=pair,
         # bf16 dense model: ~40 % of the 989 TFLOP/s bf16 peak (est.)
         prefill_flops=400e12, batch_overhead_s=0.005,
-        # 65.5 GB bf16 weights over TP2... one GPU per engine with TP1 does not fit; TP2 assumed:
-        # 32.8 GB per GPU read per step at 3.35 TB/s ~ 10 ms (est.)
+        # 65.5 GB bf16 weights; an engine here is one GPU holding half of them (TP2, est.):
+        # 32.8 GB read per step at 3.35 TB/s ~ 10 ms. Every cached token's K and V are read
+        # once per step, all of them from this GPU's HBM (the KV it reserves).
         step_base_s=0.010, step_per_seq_s=0.1e-3,
-        step_per_ctx_token_s=kv.bytes_per_token / 2 / _HBM_BW,
+        step_per_ctx_token_s=kv.bytes_per_token / _HBM_BW,
         hbm_kv_bytes=_HBM - 32.8e9 - 7e9,
+        host_dram_bytes=320e9,  # paper sec. 8: 320 GB per node for Qwen
         sources=(("params", "Qwen2.5-32B model card: 32.8B params, 64 layers, 40 Q / 8 KV heads"),),
     )
 
