@@ -100,32 +100,39 @@ class _Req:
 
 
 class _Busy:
-    """Busy time per (bin, unit), bins of bin_s seconds, grown on demand."""
+    """Busy seconds per (bin, unit), bins of bin_s seconds, grown on demand (rows of Python
+    lists: one add per batch or read, cheaper than NumPy scalar updates)."""
 
     def __init__(self, units: int, bin_s: float) -> None:
         self.bin_s = bin_s
-        self.a = np.zeros((64, units))
+        self.units = units
+        self.rows: List[List[float]] = []
 
     def add(self, unit: int, t0: float, t1: float) -> None:
         if t1 <= t0:
             return
-        b = self.bin_s
+        b, rows = self.bin_s, self.rows
         i0, i1 = int(t0 // b), int(t1 // b)
-        if i1 >= len(self.a):
-            grow = np.zeros((max(len(self.a), i1 + 1 - len(self.a)), self.a.shape[1]))
-            self.a = np.concatenate([self.a, grow])
+        while len(rows) <= i1:
+            rows.append([0.0] * self.units)
         if i0 == i1:
-            self.a[i0, unit] += t1 - t0
+            rows[i0][unit] += t1 - t0
             return
-        self.a[i0, unit] += (i0 + 1) * b - t0
-        self.a[i0 + 1:i1, unit] += b
-        self.a[i1, unit] += t1 - i1 * b
+        rows[i0][unit] += (i0 + 1) * b - t0
+        for i in range(i0 + 1, i1):
+            rows[i][unit] += b
+        rows[i1][unit] += t1 - i1 * b
+
+    def total(self) -> float:
+        """Busy seconds over all bins and units."""
+        return float(sum(map(sum, self.rows)))
 
     def util(self, nbins: int) -> np.ndarray:
         """Busy fraction [nbins, units]."""
-        out = np.zeros((nbins, self.a.shape[1]))
-        n = min(nbins, len(self.a))
-        out[:n] = self.a[:n] / self.bin_s
+        out = np.zeros((nbins, self.units))
+        n = min(nbins, len(self.rows))
+        if n:
+            out[:n] = np.asarray(self.rows[:n]) / self.bin_s
         return np.clip(out, 0.0, 1.0)
 
 

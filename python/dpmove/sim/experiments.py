@@ -91,8 +91,8 @@ def _result(sim: Simulation, cfg: SimConfig, mode: str, dataset: str, seed: int,
                      "snic_util": snic.round(4).tolist(), "pe_gpu_util": pe.round(4).tolist(),
                      "de_gpu_util": de.round(4).tolist()},
         "snic_read_bytes": sim.read_bytes.tolist(), "snic_balance": bal,
-        "pe_gpu_busy": float(sim.pe_gpu_busy.a.sum() / (jct * c.p_nodes * c.gpus_per_node)) if jct else 0.0,
-        "de_gpu_busy": float(sim.de_gpu_busy.a.sum() / (jct * c.d_nodes * c.gpus_per_node)) if jct else 0.0,
+        "pe_gpu_busy": float(sim.pe_gpu_busy.total() / (jct * c.p_nodes * c.gpus_per_node)) if jct else 0.0,
+        "de_gpu_busy": float(sim.de_gpu_busy.total() / (jct * c.d_nodes * c.gpus_per_node)) if jct else 0.0,
         "bounds": bounds(sim.trace, m, c, cfg.policy),
         # Online: the last third of the window alone. Agents wait for their own turns, so an
         # overloaded cluster first shows as latency that keeps growing, not as a lost request.
