@@ -45,7 +45,7 @@ import numpy as np
 from .. import scheduler as sched
 from .hardware import ClusterSpec, ComputeModel
 
-__all__ = ["SimConfig", "Simulation", "simulate"]
+__all__ = ["SimConfig", "Simulation", "simulate", "turn_tokens"]
 
 # What freed capacity, for Simulation._schedule.
 _ARRIVAL, _PE_FREED, _DE_FREED = 1, 2, 3
@@ -71,6 +71,14 @@ class SimConfig:
         alpha = self.alpha_s * self.cluster.snic_read_Bps / m.bytes_per_token
         beta = self.beta_s * m.tokens_per_s(typical_ctx)
         return sched.SchedulerParams(alpha_tokens=alpha, beta_tokens=beta, quota_s=self.quota_s)
+
+
+def turn_tokens(trace, model: ComputeModel):
+    """Per turn (int64 arrays [num_turns]): tokens read from storage (the context's whole
+    Full Blocks) and tokens to prefill (the context's partial block, recomputed, plus the
+    append)."""
+    hit = model.stored_tokens(trace.context)
+    return hit, trace.context - hit + trace.append
 
 
 class _Req:
@@ -220,10 +228,9 @@ class Simulation:
         # Per turn, as Python lists (element access is ~3x cheaper than on arrays): tokens hit
         # in storage (whole blocks), tokens to prefill (the rest of the context and the append),
         # tokens generated, think time, and whether it is the agent's last turn.
-        bt = m.kv.block_tokens
-        hit = (trace.context // bt) * bt
+        hit, new = turn_tokens(trace, m)
         self.hit_l = hit.tolist()
-        self.new_l = (trace.context - hit + trace.append).tolist()
+        self.new_l = new.tolist()
         self.gen_l = trace.generated.tolist()
         self.think_s = trace.think_s.tolist()
         self.last_turn = last.tolist()
@@ -476,12 +483,10 @@ class Simulation:
     def _end_batch(self, arg) -> None:
         pe, items = arg
         m, now = self.m, self.now
-        freed = False
         for x, k in items:
             x.left -= k
             x.ctx += k
             self._pe_add(pe, -k)
-            freed = True
             if x.left:
                 continue
             self.pe_seq[pe] -= 1
@@ -495,8 +500,7 @@ class Simulation:
             self.at(now + delay, self._decode_start, x)
         self.pe_busy[pe] = False
         self._start_batch(pe)
-        if freed:
-            self._schedule(_PE_FREED)
+        self._schedule(_PE_FREED)  # every batch computes tokens, so the PE's load fell
 
     # ---- decode --------------------------------------------------------------------------
     def _advance(self, de: int) -> None:

@@ -13,7 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from .. import scheduler as sched
-from .cluster import SimConfig, Simulation
+from .cluster import SimConfig, Simulation, turn_tokens
 from .hardware import ClusterSpec, ComputeModel, calibration_table, get_compute_model
 from .trace import Trace, generate
 
@@ -46,14 +46,12 @@ def bounds(trace: Trace, model: ComputeModel, cluster: ClusterSpec, policy: sche
 
     io_bound: all stored bytes read through the storage NICs that may read (PE nodes only
     without dual path); compute_bound: all prefill compute spread over every PE GPU."""
-    ctx = trace.context.astype(np.float64)
-    hit = (trace.context // model.kv.block_tokens) * model.kv.block_tokens
-    new = ctx - hit + trace.append
+    hit, new = turn_tokens(trace, model)
     read_bytes = float(hit.sum()) * model.bytes_per_token
     readers = cluster.p_nodes + (cluster.d_nodes if policy.dual_path else 0)
     io = 0.0 if policy.free_io else read_bytes / (readers * cluster.snic_read_Bps)
-    comp = float((new * (model.token_flops + model.pair_flops * (hit + new / 2))).sum()) / model.prefill_flops
-    comp /= cluster.p_nodes * cluster.gpus_per_node
+    # Every chunk split of a turn computes the same FLOPs as the whole turn at once.
+    comp = float(model.prefill_s(new.astype(np.float64), hit).sum()) / (cluster.p_nodes * cluster.gpus_per_node)
     lo, hi = cluster.pd_bounds()
     pd = cluster.p_nodes / cluster.d_nodes
     return {"pd_ratio": pd, "pd_min": lo, "pd_max": hi, "within": bool(lo <= pd <= hi),

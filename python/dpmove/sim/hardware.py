@@ -71,8 +71,9 @@ class ComputeModel:
         """Bytes of KV for `tokens` tokens (all layers)."""
         return tokens * self.kv.bytes_per_token
 
-    def stored_tokens(self, tokens: int) -> int:
-        """Tokens of a `tokens`-long prefix that sit in storage: only whole Full Blocks are stored."""
+    def stored_tokens(self, tokens):
+        """Tokens of a `tokens`-long prefix that sit in storage: only whole Full Blocks are
+        stored (int or int array)."""
         b = self.kv.block_tokens
         return (tokens // b) * b
 
