@@ -440,15 +440,22 @@ def test_puts_of_one_thread_keep_their_order_through_a_full_window(net_engines, 
     peer = tx.connect(rx.metadata(), transport=transport, streams=1)
     src = tx.alloc(4 * MiB)
     n = 3000
-    for i in range(n):
-        off = (i % 512) * 4 * KiB
-        net_engines.write(peer, src, h, [(off, off, 4 * KiB)], notify=b"%d" % i, traffic_class="kv_load", timeout_s=60)
-    got = []
-    while len(got) < n:
-        note = rx.next_notification(timeout_s=30)
-        assert note is not None, f"only {len(got)} of {n} notifications"
-        got.append(int(note.data))
-    assert got == list(range(n))
+    # Whether a put waits depends on the transport draining slower than Python submits; on a
+    # loaded host shm can keep up for a whole burst. Every burst must arrive in order, and up to
+    # five bursts are sent until one has had puts held back by the window.
+    for _burst in range(5):
+        for i in range(n):
+            off = (i % 512) * 4 * KiB
+            net_engines.write(peer, src, h, [(off, off, 4 * KiB)], notify=b"%d" % i, traffic_class="kv_load",
+                              timeout_s=60)
+        got = []
+        while len(got) < n:
+            note = rx.next_notification(timeout_s=30)
+            assert note is not None, f"only {len(got)} of {n} notifications"
+            got.append(int(note.data))
+        assert got == list(range(n))
+        if tx.qos_stats()["net"]["kv_load"]["wait_max_ns"] > 0:
+            break
     assert tx.qos_stats()["net"]["kv_load"]["wait_max_ns"] > 0  # the window did hold puts back
 
 
